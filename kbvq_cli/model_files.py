@@ -66,12 +66,15 @@ class ModelSource:
         if not (self.path / "config.json").exists():
             raise KbvqError(f"{self.path} has no config.json; pass a Hugging Face model directory")
         try:
-            self.config = AutoConfig.from_pretrained(str(self.path))
-        except (ValueError, KeyError) as error:
             model_type = json.loads((self.path / "config.json").read_text()).get("model_type")
-            adapter_for(model_type)  # names the supported architectures if that is the problem
-            raise KbvqError(f"cannot read config of {self.path}: {error}") from None
-        self.adapter: ArchAdapter = adapter_for(self.config.model_type)
+        except ValueError:
+            raise KbvqError(f"{self.path / 'config.json'} is not valid JSON; re-download the model") from None
+        self.adapter: ArchAdapter = adapter_for(model_type)
+        try:
+            self.config = AutoConfig.from_pretrained(str(self.path))
+        except Exception as error:  # transformers validates configs with several exception types
+            reason = str(error).splitlines()[-1][:160]
+            raise KbvqError(f"cannot read the config of {self.path} ({reason}); fix config.json") from None
         self.weight_map = _weight_map(self.path)
         self._handles: dict[str, object] = {}
 

@@ -21,7 +21,7 @@ from typing import Any
 from kbvq_cli import __version__
 from kbvq_cli.atomic import atomic_write, atomic_write_json, remove_stale_temps
 from kbvq_cli.errors import KbvqError
-from kbvq_cli.hashing import hash_json, sha256_file
+from kbvq_cli.hashing import canonical_json, hash_json, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -188,7 +188,9 @@ class StageDir:
         from safetensors.torch import save_file
 
         contiguous = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
-        meta = {key: str(value) for key, value in (metadata or {}).items()}
+        # One key only: safetensors keeps metadata in a hash map whose order changes from process to
+        # process, so several keys would make identical shards differ in their bytes.
+        meta = {"kbvq": canonical_json(metadata or {})}
         target = self.path / filename
         atomic_write(target, lambda tmp: save_file(contiguous, str(tmp), metadata=meta))
         return FileRecord(filename, sha256_file(target), target.stat().st_size)
@@ -207,7 +209,7 @@ class StageDir:
         from safetensors import safe_open
 
         with safe_open(str(self.path / self.manifest["units"][name]["file"]), "pt") as handle:
-            return dict(handle.metadata() or {})
+            return json.loads((handle.metadata() or {}).get("kbvq", "{}"))
 
     def _read_record(self, records: dict, name: str, device: str) -> dict:
         from safetensors.torch import load

@@ -1,0 +1,116 @@
+"""The command line: fast help, and a clear one-line error for every kind of bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kbvq_cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, pattern):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_help_lists_stages_without_importing_torch():
+    code = ("import sys; from kbvq_cli.app import app\n"
+            "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for command in ("calibrate", "klt-svd", "vq", "bcos", "pack", "eval", "run"):
+        assert command in out
+    assert "HEAVY []" in out
+
+
+def test_unknown_architecture_is_refused_by_name(tmp_path, calib_text):
+    model = tmp_path / "llama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    result = invoke("calibrate", "--model", model, "--data", calib_text, "--run", tmp_path / "run")
+    assert_one_line_error(result, "architecture 'llama' is not supported; supported: deepseek_v2, mixtral")
+
+
+def test_missing_model_directory(tmp_path):
+    result = invoke("calibrate", "--model", tmp_path / "nope", "--run", tmp_path / "run")
+    assert_one_line_error(result, "is not a directory")
+
+
+def test_hub_id_offline_says_to_pass_a_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("calibrate", "--model", "Qwen/Qwen1.5-MoE-A2.7B", "--run", tmp_path / "run")
+    assert_one_line_error(result, "pass a local model directory instead")
+
+
+def test_bits_out_of_range(tmp_path):
+    result = invoke("vq", "--run", tmp_path / "run", "--bits", "5")
+    assert_one_line_error(result, "bits=5 is out of range for dim 4; use one of 2, 3")
+
+
+def test_recipe_with_unknown_key_and_bad_yaml(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: x\nvq: {bitz: 2}\n")
+    assert_one_line_error(invoke("run", "--recipe", recipe, "--dry-run"), "unknown setting(s) bitz")
+    recipe.write_text("model: [unclosed\n")
+    assert_one_line_error(invoke("run", "--recipe", recipe, "--dry-run"), "is not valid YAML")
+
+
+def test_dry_run_validates_and_prints_the_plan(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "some/model", "vq": {"bits": 3}}))
+    result = invoke("run", "--recipe", recipe, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "bits=3" in result.output and "calibrate:" in result.output
+
+
+def test_too_little_calibration_text(tiny_model_dir, calib_text, tmp_path):
+    result = invoke("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text,
+                    "--samples", 100000, "--seqlen", 64, "--run", tmp_path / "run")
+    assert_one_line_error(result, "lower --samples or --seqlen")
+
+
+def test_changed_recipe_under_existing_run_is_refused(tiny_model_dir, calib_text, tmp_path):
+    args = ["calibrate", "--model", tiny_model_dir("olmoe"), "--data", calib_text, "--seqlen", 32,
+            "--run", tmp_path / "run"]
+    assert invoke(*args, "--samples", 4).exit_code == 0
+    assert_one_line_error(invoke(*args, "--samples", 5), "config.samples: 4 -> 5")
+    result = invoke(*args, "--samples", 5, "--restart")
+    assert result.exit_code == 0, result.output
+
+
+def test_default_run_directory_is_named_after_the_model(tiny_model_dir, calib_text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model_dir("mixtral")
+    result = invoke("calibrate", "--model", model, "--data", calib_text, "--samples", 2, "--seqlen", 16)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / model.name
+    assert (run / "calibrate" / "manifest.json").exists()
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert saved["calibrate"]["samples"] == 2 and saved["model"] == str(model)
+
+
+def test_finished_stage_is_not_redone(tiny_model_dir, calib_text, tmp_path):
+    args = ["calibrate", "--model", tiny_model_dir("olmoe"), "--data", calib_text, "--samples", 2,
+            "--seqlen", 16, "--run", tmp_path / "run"]
+    assert invoke(*args).exit_code == 0
+    again = invoke(*args)
+    assert again.exit_code == 0 and "already complete" in again.output
+
+
+@pytest.mark.parametrize("spec", ["missing.txt", "./nowhere/"])
+def test_missing_local_data(spec, tiny_model_dir, tmp_path):
+    result = invoke("calibrate", "--model", tiny_model_dir("olmoe"), "--data", tmp_path / spec,
+                    "--run", tmp_path / "run")
+    assert_one_line_error(result, "does not exist")
