@@ -118,7 +118,12 @@ class ModelSource:
         if not names:
             raise KbvqError(f"layer {index} is missing from {self.path}; the checkpoint is incomplete")
         tensors = {name[len(prefix):]: self.tensor(name) for name in names}
+        self.release()
         return fuse_experts(self.adapter, tensors, self.num_experts)
+
+    def release(self) -> None:
+        """Unmap the files: pages read through a mapping stay resident (and count in RSS) until then."""
+        self._handles.clear()
 
     def tokenizer(self):
         from transformers import AutoTokenizer

@@ -44,7 +44,9 @@ class LayerStreamer:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, S] int64 -> hidden [B, S, H] in `dtype`, on the CPU."""
         weight = self.source.tensor(self.adapter.embed_tokens)
-        return torch.nn.functional.embedding(input_ids.cpu(), weight).to(self.dtype)
+        hidden = torch.nn.functional.embedding(input_ids.cpu(), weight).to(self.dtype)
+        self.source.release()
+        return hidden
 
     def build_layer(self, index: int) -> torch.nn.Module:
         layer_class = self.adapter.cls(self.adapter.decoder_layer_class)

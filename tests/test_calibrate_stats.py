@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from conftest import ARCHITECTURES
 from kbvq_cli.app import app
-from kbvq_cli.stage_dir import StageDir
+from stages.calibrate.reader import Calibration
 
 
 def run_calibrate(model_dir, run_dir, calib_text, tmp_path, **extra):
@@ -16,7 +16,7 @@ def run_calibrate(model_dir, run_dir, calib_text, tmp_path, **extra):
     recipe.write_text(yaml.safe_dump({"model": str(model_dir), "calibrate": settings}))
     result = CliRunner().invoke(app, ["calibrate", "--run", str(run_dir), "--recipe", str(recipe)])
     assert result.exit_code == 0, result.output
-    return StageDir.open_finished(run_dir, "calibrate")
+    return Calibration(run_dir)
 
 
 def reference_inputs(model_dir, tokens):
@@ -52,43 +52,56 @@ def assert_close(actual, expected):
 def test_statistics_match_float64_reference(model_type, tiny_model_dir, calib_text, tmp_path):
     model_dir = tiny_model_dir(model_type)
     stage = run_calibrate(model_dir, tmp_path / "run", calib_text, tmp_path)
-    tokens = stage.read_aux("tokens")["input_ids"]
+    tokens = stage.tokens()
     assert tokens.shape == (4, 32)
     model, captured = reference_inputs(model_dir, tokens)
     for index, layer in enumerate(model.model.layers):
-        shard = stage.read_unit(f"layer_{index:03d}")
+        stats = stage.layer(index)
         for name, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear) and (index, name) in captured:
                 x = torch.cat(captured[(index, name)])
-                assert_close(shard[f"linear.{name}.sum_xxT"], x.T @ x)
-                assert_close(shard[f"linear.{name}.sum_x"], x.sum(0))
+                moments = stats.input_moments(f"linear.{name}")
+                assert_close(moments.sum_xxT, x.T @ x)
+                assert_close(moments.sum_x, x.sum(0))
+                assert moments.count.item() == x.shape[0]
         if (index, "experts") not in captured:
-            assert "block.count" not in shard
+            assert not stats.is_moe
             continue
         hidden = torch.cat([h for h, _ in captured[(index, "experts")]])
         routing = torch.cat([r for _, r in captured[(index, "experts")]])
         experts = layer.mlp.experts
         num_experts = experts.gate_up_proj.shape[0]
         mask = torch.nn.functional.one_hot(routing, num_experts + 1).sum(1)[:, :num_experts].double()
-        assert_close(shard["block.sum_xxT"], hidden.T @ hidden)
-        assert shard["block.count"].item() == hidden.shape[0]
-        assert torch.equal(shard["router.load"], mask.sum(0).long())
+        block = stats.input_moments("block")
+        assert_close(block.sum_xxT, hidden.T @ hidden)
+        assert block.count.item() == hidden.shape[0]
+        assert torch.equal(stats.router_load, mask.sum(0).long())
+        gate_up, down = stats.expert_moments("gate_up"), stats.expert_moments("down")
         intermediate = experts.gate_up_proj.shape[1] // 2
         for e in range(num_experts):
             w = experts.gate_up_proj[e]
             h = experts.act_fn(hidden @ w[:intermediate].T) * (hidden @ w[intermediate:].T)
             m = mask[:, e:e + 1]
-            assert_close(shard["experts.gate_up.sum_xxT"][e], (hidden * m).T @ hidden)
-            assert_close(shard["experts.gate_up.sum_x"][e], (hidden * m).sum(0))
-            assert_close(shard["experts.down.sum_xxT"][e], (h * m).T @ h)
-            assert_close(shard["experts.down.sum_x"][e], (h * m).sum(0))
-        assert_close(shard["experts.down.pooled_sum_xxT"], shard["experts.down.sum_xxT"].double().sum(0))
+            assert_close(gate_up.sum_xxT[e], (hidden * m).T @ hidden)
+            assert_close(gate_up.sum_x[e], (hidden * m).sum(0))
+            assert_close(down.sum_xxT[e], (h * m).T @ h)
+            assert_close(down.sum_x[e], (h * m).sum(0))
+        pooled = stats.pooled_down_second_moment()
+        assert_close(pooled, down.sum_xxT.double().sum(0) / (int(down.count.sum()) - 1))
+
+
+def test_shared_inputs_are_stored_once(tiny_model_dir, calib_text, tmp_path):
+    stats = run_calibrate(tiny_model_dir("qwen2_moe"), tmp_path / "run", calib_text, tmp_path).layer(1)
+    assert stats.inputs["linear.self_attn.k_proj"] == stats.inputs["linear.self_attn.q_proj"]
+    assert stats.inputs["linear.mlp.shared_expert.up_proj"] == stats.inputs["block"]
+    assert stats.inputs["linear.mlp.shared_expert.down_proj"] == "linear.mlp.shared_expert.down_proj"
+    assert stats.inputs["linear.self_attn.o_proj"] != stats.inputs["linear.self_attn.q_proj"]
 
 
 def test_without_expert_second_moments_keeps_pooled(tiny_model_dir, calib_text, tmp_path):
     full = run_calibrate(tiny_model_dir("qwen2_moe"), tmp_path / "a", calib_text, tmp_path)
     lean = run_calibrate(tiny_model_dir("qwen2_moe"), tmp_path / "b", calib_text, tmp_path,
                          expert_second_moments=False)
-    full_shard, lean_shard = full.read_unit("layer_001"), lean.read_unit("layer_001")
-    assert "experts.down.sum_xxT" not in lean_shard and "experts.gate_up.sum_xxT" not in lean_shard
-    assert_close(lean_shard["experts.down.pooled_sum_xxT"], full_shard["experts.down.pooled_sum_xxT"].double())
+    full_layer, lean_layer = full.layer(1), lean.layer(1)
+    assert lean_layer.expert_moments("down").sum_xxT is None and lean_layer.expert_moments("gate_up").sum_xxT is None
+    assert_close(lean_layer.pooled_down_second_moment(), full_layer.pooled_down_second_moment())

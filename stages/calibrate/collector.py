@@ -1,9 +1,15 @@
 """Forward hooks that record one decoder layer's calibration statistics while the real layer runs.
 
 The routed experts' pre-hook receives exactly what the layer's own router chose (`top_k_index`), so
-the statistics follow the model's routing without re-implementing any router. Every other
-`nn.Linear` of the layer (attention, shared experts, dense MLPs) gets its input moments recorded for
-GPTQ. Hooks are removed in `close()`, which the stage calls in a `finally`.
+the statistics follow the model's routing without re-implementing any router. Every `nn.Linear` of
+the layer other than the router (attention, shared experts, dense MLPs) has its input moments
+recorded for GPTQ.
+
+Many consumers read the same tensor (q/k/v share the normed hidden state; shared experts and routed
+experts share the block input). Such inputs are summed once and the others recorded as aliases: on a
+Qwen-sized layer this removes most of the stage's matmuls and disk. Identity is the tensor's memory
+(pointer, shape, strides, version), and every tensor seen in a batch is held until the batch ends, so
+a freed buffer reused for a different tensor can never be mistaken for the same input.
 """
 
 from __future__ import annotations
@@ -13,33 +19,51 @@ import torch
 from kbvq_cli.streaming import module_at
 from stages.calibrate.core import MomentSums, expert_intermediate, routed_tokens
 
+BLOCK = "block"
+
+
+def _identity(x: torch.Tensor) -> tuple:
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version)
+
 
 class LayerStatsCollector:
     def __init__(self, layer: torch.nn.Module, adapter, num_experts: int, expert_second_moments: bool):
-        self.adapter = adapter
         self.num_experts = num_experts
         self.expert_second_moments = expert_second_moments
-        self.linear: dict[str, MomentSums] = {}
-        self.block = self.gate_up = self.down = self.pooled_down = None
-        self.handles = []
-        device = next(layer.parameters()).device
+        self.device = next(layer.parameters()).device
+        self.moments: dict[str, MomentSums] = {}  # canonical consumer -> sums
+        self.alias: dict[str, str] = {}  # consumer -> canonical consumer
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # this batch's inputs, held alive
+        self.gate_up = self.down = self.pooled_down = None
+        self.handles = [layer.register_forward_pre_hook(lambda *_: self._seen.clear()),
+                        layer.register_forward_hook(lambda *_: self._seen.clear())]
         for name, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear) and name != adapter.router:
-                self.linear[name] = MomentSums(module.in_features, device)
-                self.handles.append(module.register_forward_pre_hook(self._linear_hook(name)))
+                self.handles.append(module.register_forward_pre_hook(self._linear_hook(f"linear.{name}")))
         experts = module_at(layer, adapter.experts)
         if experts is not None:
-            hidden, inter = experts.gate_up_proj.shape[2], experts.down_proj.shape[2]
-            self.block = MomentSums(hidden, device)
-            self.gate_up = MomentSums(hidden, device, (num_experts,), expert_second_moments)
-            self.down = MomentSums(inter, device, (num_experts,), expert_second_moments)
-            self.pooled_down = torch.zeros(inter, inter, dtype=torch.float64, device=device)
+            inter = experts.down_proj.shape[2]
+            hidden = experts.gate_up_proj.shape[2]
+            self.gate_up = MomentSums(hidden, self.device, (num_experts,), expert_second_moments)
+            self.down = MomentSums(inter, self.device, (num_experts,), expert_second_moments)
+            self.pooled_down = torch.zeros(inter, inter, dtype=torch.float64, device=self.device)
             self.handles.append(experts.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
 
-    def _linear_hook(self, name: str):
+    def _observe(self, consumer: str, x: torch.Tensor) -> None:
+        """Add `x [T, D]` to `consumer`'s moments, unless it is the very tensor another consumer read."""
+        key = _identity(x)
+        if consumer not in self.alias:  # first batch: find out whom this consumer shares its input with
+            self.alias[consumer] = self._seen[key][0] if key in self._seen else consumer
+        canonical = self.alias[consumer]
+        if canonical == consumer:
+            if consumer not in self.moments:
+                self.moments[consumer] = MomentSums(x.shape[-1], self.device)
+            self.moments[consumer].add(x.float())
+            self._seen[key] = (consumer, x)
+
+    def _linear_hook(self, consumer: str):
         def hook(module, args):
-            x = args[0]
-            self.linear[name].add(x.reshape(-1, x.shape[-1]).float())
+            self._observe(consumer, args[0].reshape(-1, args[0].shape[-1]))
 
         return hook
 
@@ -47,8 +71,9 @@ class LayerStatsCollector:
         names = ("hidden_states", "top_k_index", "top_k_weights")
         values = list(args) + [kwargs[name] for name in names[len(args):] if name in kwargs]
         hidden, top_k_index = values[0], values[1]
-        x = hidden.reshape(-1, hidden.shape[-1]).float()
-        self.block.add(x)
+        x2d = hidden.reshape(-1, hidden.shape[-1])
+        self._observe(BLOCK, x2d)
+        x = x2d.float()
         for expert, tokens in enumerate(routed_tokens(top_k_index, self.num_experts)):
             if tokens.numel() == 0:
                 continue
@@ -63,20 +88,23 @@ class LayerStatsCollector:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self._seen.clear()
 
     def tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The layer's shard: names -> CPU tensors (second moments in `dtype`, counts int64)."""
         out = {}
-        for name, sums in self.linear.items():
-            out.update(sums.tensors(f"linear.{name}", dtype))
-        if self.block is not None:
-            out.update(self.block.tensors("block", dtype))
+        for consumer, sums in self.moments.items():
+            out.update(sums.tensors(f"moments.{consumer}", dtype))
+        if self.gate_up is not None:
             out.update(self.gate_up.tensors("experts.gate_up", dtype))
             out.update(self.down.tensors("experts.down", dtype))
             pooled = self.down.sum_xxT.sum(0) if self.expert_second_moments else self.pooled_down
             out["experts.down.pooled_sum_xxT"] = pooled.to(dtype)
             out["router.load"] = self.gate_up.count.clone()
         return {name: tensor.cpu() for name, tensor in out.items()}
+
+    def metadata(self) -> dict:
+        return {"inputs": dict(sorted(self.alias.items())), "moe": self.gate_up is not None}
 
     def starved_experts(self, min_tokens: int) -> list[int]:
         if self.gate_up is None:

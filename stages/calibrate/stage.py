@@ -86,7 +86,8 @@ def _calibrate_layers(stage_dir, source, settings, tokens, device) -> dict:
             starved_here = collector.starved_experts(settings.min_expert_tokens)
             if starved_here:
                 starved[str(index)] = starved_here
-            _commit_layer(stage_dir, index, collector.tensors(dtype), hidden, source.num_layers, starved)
+            _commit_layer(stage_dir, index, collector.tensors(dtype), collector.metadata(), hidden,
+                          source.num_layers, starved)
             del layer, collector
             progress.advance(task)
     return _finish(stage_dir, source, starved, time.time() - started, start)
@@ -104,7 +105,8 @@ def _forward_layer(streamer, layer, index, hidden, batch_size, device) -> torch.
     return output
 
 
-def _commit_layer(stage_dir: StageDir, index: int, stats: dict, hidden, num_layers: int, starved: dict) -> None:
+def _commit_layer(stage_dir: StageDir, index: int, stats: dict, metadata: dict, hidden, num_layers: int,
+                  starved: dict) -> None:
     """Shard and next activations first, then one manifest commit; the old activations go last."""
     old = stage_dir.manifest["aux"].get("activations")
     aux = {}
@@ -112,7 +114,7 @@ def _commit_layer(stage_dir: StageDir, index: int, stats: dict, hidden, num_laye
         aux["activations"] = stage_dir.write_aux(f"activations_{index + 1:03d}", {"hidden": hidden})
     else:  # the last layer's output is not needed by anything
         stage_dir.manifest["aux"].pop("activations", None)
-    metadata = {"layer": index, "moe": "block.count" in stats}
+    metadata = {"layer": index, **metadata}
     stage_dir.write_unit(_layer_name(index), stats, metadata, aux=aux,
                          state={"next_layer": index + 1, "starved": starved})
     if old is not None and (not aux or old["file"] != aux["activations"].file):

@@ -1,0 +1,76 @@
+"""Read `calibrate`'s shards for later stages: moments by consumer name, resolving shared inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kbvq_cli.errors import KbvqError
+from kbvq_cli.stage_dir import StageDir
+
+BLOCK = "block"
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Sums over `count` tokens: `sum_x [D]`, `sum_xxT [D, D]` (either may carry a leading expert dim)."""
+
+    sum_x: torch.Tensor
+    sum_xxT: torch.Tensor | None
+    count: torch.Tensor
+
+    def second_moment(self) -> torch.Tensor:
+        """`C_X = X^T X / (N - 1)` in float64 (METHOD.md §1): uncentred, as the output-MSE identity needs."""
+        return self.sum_xxT.double() / max(int(self.count.sum()) - 1, 1)
+
+
+class CalibrationLayer:
+    def __init__(self, index: int, tensors: dict[str, torch.Tensor], metadata: dict):
+        self.index = index
+        self.tensors = tensors
+        self.inputs: dict[str, str] = metadata.get("inputs", {})
+        self.is_moe = bool(metadata.get("moe"))
+
+    def input_moments(self, consumer: str) -> Moments:
+        """Moments of the input of `consumer`: "block" or "linear.<module path in the layer>"."""
+        if consumer not in self.inputs:
+            raise KbvqError(f"calibration of layer {self.index} has no statistics for {consumer}; "
+                            f"rerun `kbvq calibrate --restart` with this version")
+        prefix = f"moments.{self.inputs[consumer]}"
+        return Moments(self.tensors[f"{prefix}.sum_x"], self.tensors.get(f"{prefix}.sum_xxT"),
+                       self.tensors[f"{prefix}.count"])
+
+    def expert_moments(self, projection: str) -> Moments:
+        """Per-expert moments of the `gate_up` or `down` input: sum_x [E, D], sum_xxT [E, D, D] or None."""
+        prefix = f"experts.{projection}"
+        return Moments(self.tensors[f"{prefix}.sum_x"], self.tensors.get(f"{prefix}.sum_xxT"),
+                       self.tensors[f"{prefix}.count"])
+
+    def pooled_down_second_moment(self) -> torch.Tensor:
+        """Pooled second moment of the routed experts' `down` inputs, float64 [I, I]."""
+        count = int(self.tensors["experts.down.count"].sum())
+        return self.tensors["experts.down.pooled_sum_xxT"].double() / max(count - 1, 1)
+
+    @property
+    def router_load(self) -> torch.Tensor:
+        return self.tensors["router.load"]
+
+
+class Calibration:
+    """A finished calibrate stage, read layer by layer (each shard hash-checked as it is read)."""
+
+    def __init__(self, run_dir: Path):
+        self.stage_dir = StageDir.open_finished(run_dir, "calibrate")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.stage_dir.unit_names())
+
+    def layer(self, index: int, device: str = "cpu") -> CalibrationLayer:
+        name = f"layer_{index:03d}"
+        return CalibrationLayer(index, self.stage_dir.read_unit(name, device), self.stage_dir.read_metadata(name))
+
+    def tokens(self) -> torch.Tensor:
+        return self.stage_dir.read_aux("tokens")["input_ids"]
