@@ -1,0 +1,145 @@
+"""IDRE, the KLT-guided SVD of METHOD.md §2, as pure float64 tensor math.
+
+Input-shared decomposition (gate, up, and `down` pooled): with `C = T T^T` the damped input second
+moment, every expert is mapped to `What_i = W_i T`; the stack `[What_1; ...; What_n]` is decomposed by
+the eigendecomposition of its Gram matrix `sum_i What_i^T What_i` (`ic x ic`, small whatever the number
+of experts, and exact in float64 for the leading subspace); with `B_k` its top-k eigenvectors:
+`shared_basis = B_k^T T^-1` (`k x ic`), `expert_coeffs_i = W_i T B_k` (`oc_i x k`),
+`W_share_i = expert_coeffs_i @ shared_basis`.
+
+Output-shared decomposition (the `down` option): the experts share their output space instead:
+`shared_basis = B_k^T` (`k x oc`) from the Gram matrix `sum_i W_i W_i^T`, `expert_coeffs_i = B_k^T W_i`
+(`k x ic_i`), `W_share_i = shared_basis^T @ expert_coeffs_i`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from kbvq_cli.errors import KbvqError
+
+Side = Literal["input", "output"]
+
+
+@dataclass(frozen=True)
+class Klt:
+    """`transform` T [ic, ic] and `inverse` T^-1, float64, with T T^T = damped C."""
+
+    transform: torch.Tensor
+    inverse: torch.Tensor
+
+
+def damped_klt(second_moment: torch.Tensor, damp: float) -> Klt:
+    """KLT of `C + damp * mean(diag C) * I` (METHOD.md §2 steps 1-2). second_moment [ic, ic]."""
+    c = second_moment.double()
+    c = (c + c.T) / 2  # sums in float32 are symmetric only to rounding
+    c = c + damp * c.diagonal().mean().clamp_min(1e-30) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    eigenvalues, eigenvectors = torch.linalg.eigh(c)
+    eigenvalues = eigenvalues.clamp_min(eigenvalues.max() * 1e-12)  # damp 0 on a singular C stays invertible
+    root = eigenvalues.sqrt()
+    return Klt(eigenvectors * root, (eigenvectors / root).T)
+
+
+def identity_klt(dim: int, device=None) -> Klt:
+    """T = I: the "SVD without KLT" ablation (Tables 3, 14)."""
+    eye = torch.eye(dim, dtype=torch.float64, device=device)
+    return Klt(eye, eye)
+
+
+def gram(matrices: list[torch.Tensor], side: Side) -> torch.Tensor:
+    """`sum_i W_i^T W_i` (input side, [ic, ic]) or `sum_i W_i W_i^T` (output side), accumulated in float64.
+
+    Each product is taken in the matrices' own dtype: float64 inputs give an exact float64 result,
+    float32 ones run at full float32 speed and are summed in float64.
+    """
+    total = None
+    for w in matrices:
+        product = (w.T @ w if side == "input" else w @ w.T).double()
+        total = product if total is None else total + product
+    return total
+
+
+@dataclass(frozen=True)
+class SharedDecomposition:
+    side: Side
+    shared_basis: torch.Tensor  # [k, ic] (input side) or [k, oc] (output side), float64
+    expert_coeffs: list[torch.Tensor]  # [oc_i, k] (input side) or [k, ic_i] (output side), float64
+    singular_values: torch.Tensor  # of the (mapped) stack, descending, float64
+    rho: torch.Tensor  # rho[k-1] = energy fraction of the top k singular values (Eq. 17)
+
+    @property
+    def rank(self) -> int:
+        return int(self.shared_basis.shape[0])
+
+
+def shared_part(side: Side, shared_basis: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """`W_share` of one expert, in the dtype of its arguments."""
+    return coeffs @ shared_basis if side == "input" else shared_basis.T @ coeffs
+
+
+def spectrum(gram_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Singular values (descending), rho for every k, and the right singular vectors [d, d] of a stack."""
+    eigenvalues, eigenvectors = torch.linalg.eigh((gram_matrix + gram_matrix.T) / 2)
+    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
+    energy = eigenvalues.sum().clamp_min(1e-300)
+    return eigenvalues.sqrt(), eigenvalues.cumsum(0) / energy, eigenvectors
+
+
+def select_rank(rho: torch.Tensor, oc: int, ic: int, *, rank_ratio: float | None = None,
+                rank: int | None = None, energy: float | None = None) -> int:
+    """The rank from at most one of: a ratio of min(oc, ic) (default 1/128, rounded down, at least 1),
+    an absolute rank (0 = no shared part), or the smallest k with rho_k >= energy. Capped at len(rho)."""
+    given = [name for name, value in (("rank_ratio", rank_ratio), ("rank", rank), ("energy", energy))
+             if value is not None]
+    if len(given) > 1:
+        raise KbvqError(f"give only one of rank_ratio, rank, energy (got {', '.join(given)})")
+    if rank is not None:
+        if rank < 0:
+            raise KbvqError(f"rank must be >= 0 (got {rank})")
+        chosen = rank
+    elif energy is not None:
+        if not 0 < energy <= 1:
+            raise KbvqError(f"energy must be in (0, 1] (got {energy})")
+        chosen = int(torch.searchsorted(rho, torch.tensor(energy - 1e-12, dtype=rho.dtype, device=rho.device))) + 1
+    else:
+        ratio = 1 / 128 if rank_ratio is None else rank_ratio
+        if not 0 < ratio <= 1:
+            raise KbvqError(f"rank_ratio must be in (0, 1] (got {ratio})")
+        chosen = max(1, int(min(oc, ic) * ratio))
+    return min(chosen, int(rho.numel()))
+
+
+RankChooser = Callable[[torch.Tensor], int]
+
+
+def decompose(weights: list[torch.Tensor], klt: Klt | None, choose_rank: RankChooser, side: Side = "input"
+              ) -> SharedDecomposition:
+    """Shared basis and per-expert coefficients of `weights` (each [oc_i, ic]; or [oc, ic_i] on the output side).
+
+    `klt` maps the input space (input side only; None or `identity_klt` for plain SVD).
+    `choose_rank(rho)` picks k from the energy curve.
+    """
+    if side == "output":
+        singular, rho, vectors = spectrum(gram(weights, "output"))
+        basis = vectors[:, : choose_rank(rho)]  # [oc, k]
+        coeffs = [basis.T @ w.double() for w in weights]
+        return SharedDecomposition("output", basis.T.contiguous(), coeffs, singular, rho)
+    transform = klt.transform if klt is not None else None
+    inverse = klt.inverse if klt is not None else None
+    raw = gram(weights, "input")
+    mapped = transform.T @ raw @ transform if transform is not None else raw
+    singular, rho, vectors = spectrum(mapped)
+    basis = vectors[:, : choose_rank(rho)]  # B_k [ic, k], orthonormal in KLT space
+    lift = transform @ basis if transform is not None else basis  # T B_k [ic, k]
+    shared_basis = basis.T @ inverse if inverse is not None else basis.T.contiguous()
+    coeffs = [w.double() @ lift for w in weights]
+    return SharedDecomposition("input", shared_basis, coeffs, singular, rho)
+
+
+def output_error(error: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    """`Tr(E C E^T)`: the summed output MSE of an error `E [oc, ic]` under input second moment `C`."""
+    e = error.double()
+    return ((e @ second_moment.double()) * e).sum()

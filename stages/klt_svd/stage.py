@@ -1,0 +1,130 @@
+"""`kbvq klt-svd`: per MoE layer and projection, the shared basis and expert coefficients (IDRE).
+
+Shard `RUN/klt-svd/layer_NNN.safetensors`, for each decomposed part `P` (`gate`, `up`, `down`, and
+`shared.down` for a shared expert's own down projection):
+- `P.shared_basis` and `P.expert_coeffs` ([E, oc, k] input side, [E, k, ic] output side), stored in
+  16 bits: the values the packed model will hold, so `vq` quantizes the residual left by exactly them;
+- `P.shared_expert_coeffs` ([Is, k]) where the shared expert is stacked with the routed ones;
+- `P.singular_values`, `P.rho` (float32) for reports (Fig. 5).
+The metadata records each part's side, rank, rho_k and whether the KLT was used.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kbvq_cli.console import info, progress_bar
+from kbvq_cli.errors import KbvqError
+from kbvq_cli.experts import SHARED, LayerExperts, layer_experts
+from kbvq_cli.model_files import ModelSource
+from kbvq_cli.recipe import ResolvedStage
+from kbvq_cli.stage_common import hashed_settings, open_stage, upstream_inputs
+from kbvq_cli.streaming import pick_device
+from stages.calibrate.reader import Calibration, CalibrationLayer
+from stages.klt_svd.core import damped_klt, decompose, identity_klt, select_rank
+
+STAGE = "klt-svd"
+STORE_DTYPE = torch.float16
+
+
+def run(resolved: ResolvedStage, restart: bool = False) -> dict:
+    settings = resolved.settings
+    calibration = Calibration(resolved.run_dir)
+    source = ModelSource(_model(resolved))
+    device = pick_device(settings.device)
+    inputs = {"upstream": upstream_inputs({"calibrate": calibration.stage_dir}), "model": source.fingerprint()}
+    stage_dir = open_stage(resolved, STAGE, hashed_settings(settings), inputs, restart)
+    if stage_dir.complete:
+        info(f"klt-svd: already complete in {stage_dir.path}")
+        return stage_dir.manifest["summary"]
+    moe_layers = [i for i in range(source.num_layers) if calibration.stage_dir.read_metadata(f"layer_{i:03d}")["moe"]]
+    started, captured = time.time(), []
+    with progress_bar() as progress:
+        task = progress.add_task("klt-svd layers", total=len(moe_layers))
+        for index in moe_layers:
+            name = f"layer_{index:03d}"
+            if not stage_dir.has_unit(name):
+                experts = layer_experts(source, index, torch.float32, device)
+                tensors, metadata = decompose_layer(experts, calibration.layer(index, device), settings)
+                stage_dir.write_unit(name, tensors, {"layer": index, **metadata})
+            captured.extend(part["rho_k"] for part in stage_dir.read_metadata(name)["parts"].values())
+            progress.advance(task)
+    seconds = time.time() - started
+    mean_rho = sum(captured) / max(len(captured), 1)
+    summary = {"layers": len(moe_layers), "seconds": round(seconds, 3), "mean_rho_k": round(mean_rho, 6),
+               "mean_relative_output_error_of_shared_part": round(1 - mean_rho, 6)}
+    stage_dir.finish(summary)
+    info(f"klt-svd: {len(moe_layers)} MoE layers in {seconds:.1f}s; the shared parts hold {100 * mean_rho:.1f}% "
+         f"of the mapped weights' energy (mean rho_k), leaving {100 * (1 - mean_rho):.1f}% to VQ")
+    return summary
+
+
+def _model(resolved: ResolvedStage) -> str:
+    if resolved.model is None:
+        raise KbvqError(f"no model recorded in {resolved.run_dir}/recipe.yaml; run `kbvq calibrate --model ...` first")
+    return resolved.model
+
+
+def _chooser(settings, oc: int, ic: int):
+    return lambda rho: select_rank(rho, oc, ic, rank_ratio=settings.rank_ratio, rank=settings.rank,
+                                   energy=settings.energy)
+
+
+def decompose_layer(experts: LayerExperts, stats: CalibrationLayer, settings) -> tuple[dict, dict]:
+    """All decomposed parts of one MoE layer: (tensors for the shard, metadata)."""
+    tensors, parts = {}, {}
+    block = stats.input_moments("block").second_moment()
+    gate_up_klt = damped_klt(block, settings.damp) if settings.klt else None
+    for projection in ("gate", "up"):
+        weights = list(experts.routed[projection])
+        stack_shared = bool(experts.shared) and settings.include_shared_experts
+        if stack_shared:
+            weights.append(experts.shared[projection])
+        oc, ic = weights[0].shape
+        result = decompose(weights, gate_up_klt, _chooser(settings, oc, ic))
+        routed_coeffs = result.expert_coeffs[: experts.num_experts]
+        _store(tensors, parts, projection, result, routed_coeffs, settings.klt)
+        if stack_shared:
+            tensors[f"{projection}.shared_expert_coeffs"] = _to_store(result.expert_coeffs[-1])
+    if settings.down != "off":
+        weights = list(experts.routed["down"])
+        oc, ic = weights[0].shape
+        if settings.down == "pooled":
+            klt = damped_klt(stats.pooled_down_second_moment(), settings.damp) if settings.klt else None
+            result = decompose(weights, klt, _chooser(settings, oc, ic))
+        else:
+            result = decompose(weights, None, _chooser(settings, oc, ic), side="output")
+        _store(tensors, parts, "down", result, result.expert_coeffs, settings.klt and settings.down == "pooled")
+        if experts.shared:
+            _decompose_shared_down(tensors, parts, experts, stats, settings)
+    return tensors, {"parts": parts}
+
+
+def _decompose_shared_down(tensors, parts, experts: LayerExperts, stats: CalibrationLayer, settings) -> None:
+    """A shared expert's down input is its own activation space: decomposed alone, with its own KLT."""
+    weight = experts.shared["down"]
+    klt = None
+    if settings.klt:
+        klt = damped_klt(stats.input_moments(f"linear.{experts.shared_path}.down_proj").second_moment(), settings.damp)
+    oc, ic = weight.shape
+    result = decompose([weight], klt, _chooser(settings, oc, ic))
+    _store(tensors, parts, f"{SHARED}.down", result, result.expert_coeffs, settings.klt)
+
+
+def _to_store(tensor: torch.Tensor) -> torch.Tensor:
+    stored = tensor.to(STORE_DTYPE)
+    if not torch.isfinite(stored).all():
+        raise KbvqError("a shared basis or coefficient overflows float16; this model needs a bfloat16 store "
+                        "(not supported yet): use --rank 0 for plain VQ")
+    return stored
+
+
+def _store(tensors: dict, parts: dict, name: str, result, coeffs: list, klt_used: bool) -> None:
+    tensors[f"{name}.shared_basis"] = _to_store(result.shared_basis)
+    tensors[f"{name}.expert_coeffs"] = _to_store(torch.stack(coeffs))
+    tensors[f"{name}.singular_values"] = result.singular_values.float()
+    tensors[f"{name}.rho"] = result.rho.float()
+    rho_k = float(result.rho[result.rank - 1]) if result.rank > 0 else 0.0
+    parts[name] = {"side": result.side, "rank": result.rank, "rho_k": rho_k, "klt": klt_used}

@@ -1,0 +1,111 @@
+"""IDRE math against float64 references on small tensors."""
+
+import pytest
+import torch
+
+from kbvq_cli.errors import KbvqError
+from stages.klt_svd.core import (damped_klt, decompose, identity_klt, output_error, select_rank, shared_part)
+
+G = torch.Generator().manual_seed(0)
+
+
+def random_second_moment(dim, tokens=400):
+    x = torch.randn(tokens, dim, generator=G, dtype=torch.float64) * torch.linspace(0.1, 3, dim, dtype=torch.float64)
+    return x.T @ x / (tokens - 1)
+
+
+def experts(n=6, oc=12, ic=16):
+    return [torch.randn(oc, ic, generator=G, dtype=torch.float64) for _ in range(n)]
+
+
+def fixed(k):
+    return lambda rho: k
+
+
+def test_klt_maps_error_norm_to_output_mse():
+    c = random_second_moment(16)
+    klt = damped_klt(c, 0.01)
+    damped = c + 0.01 * c.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(klt.transform @ klt.transform.T, damped, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(klt.transform @ klt.inverse, torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-10)
+    error = torch.randn(5, 16, generator=G, dtype=torch.float64)
+    lhs = (error @ klt.transform).pow(2).sum()
+    torch.testing.assert_close(lhs, output_error(error, damped), rtol=1e-12, atol=0)
+
+
+def test_parts_add_up_and_full_rank_is_exact():
+    weights, klt = experts(), damped_klt(random_second_moment(16), 0.01)
+    result = decompose(weights + [torch.randn(20, 16, generator=G, dtype=torch.float64)], klt, fixed(3))
+    assert result.shared_basis.shape == (3, 16) and result.expert_coeffs[-1].shape == (20, 3)
+    for w, coeffs in zip(weights, result.expert_coeffs):
+        share = shared_part("input", result.shared_basis, coeffs)
+        torch.testing.assert_close(share + (w - share), w, rtol=0, atol=1e-13)
+    full = decompose(weights, klt, fixed(16))
+    for w, coeffs in zip(weights, full.expert_coeffs):
+        torch.testing.assert_close(shared_part("input", full.shared_basis, coeffs), w, rtol=1e-9, atol=1e-9)
+
+
+def test_rho_matches_direct_svd_of_mapped_stack():
+    weights, klt = experts(), damped_klt(random_second_moment(16), 0.01)
+    result = decompose(weights, klt, fixed(4))
+    stacked = torch.cat([w @ klt.transform for w in weights])
+    singular = torch.linalg.svdvals(stacked)
+    torch.testing.assert_close(result.singular_values[: singular.numel()], singular, rtol=1e-9, atol=1e-9)
+    expected = singular.pow(2).cumsum(0) / singular.pow(2).sum()
+    torch.testing.assert_close(result.rho[: singular.numel()], expected, rtol=1e-10, atol=1e-12)
+    residual_energy = sum(((w - shared_part("input", result.shared_basis, v)) @ klt.transform).pow(2).sum()
+                          for w, v in zip(weights, result.expert_coeffs))
+    torch.testing.assert_close(residual_energy / stacked.pow(2).sum(), 1 - result.rho[3], rtol=1e-9, atol=1e-12)
+
+
+def test_klt_lowers_output_error_against_plain_svd():
+    c = random_second_moment(16)
+    klt = damped_klt(c, 0.0)
+    weights = experts()
+    with_klt, without = decompose(weights, klt, fixed(4)), decompose(weights, identity_klt(16), fixed(4))
+
+    def total(result):
+        return sum(output_error(w - shared_part("input", result.shared_basis, v), c)
+                   for w, v in zip(weights, result.expert_coeffs))
+    assert total(with_klt) < total(without)
+    assert torch.allclose(decompose(weights, None, fixed(4)).shared_basis.abs(), without.shared_basis.abs())
+
+
+def test_planted_shared_subspace_is_found():
+    shared = torch.randn(3, 32, generator=G, dtype=torch.float64)
+    weights = [torch.randn(10, 3, generator=G, dtype=torch.float64) @ shared
+               + 1e-6 * torch.randn(10, 32, generator=G, dtype=torch.float64) for _ in range(5)]
+    result = decompose(weights, identity_klt(32), fixed(3))
+    assert result.rho[2] > 1 - 1e-9
+    for w, v in zip(weights, result.expert_coeffs):
+        assert (w - shared_part("input", result.shared_basis, v)).abs().max() < 1e-5
+
+
+def test_output_side_shares_the_output_space():
+    basis = torch.randn(12, 2, generator=G, dtype=torch.float64)
+    weights = [basis @ torch.randn(2, 9 + i, generator=G, dtype=torch.float64) for i in range(4)]
+    result = decompose(weights, None, fixed(2), side="output")
+    assert result.shared_basis.shape == (2, 12) and result.expert_coeffs[3].shape == (2, 12)
+    for w, coeffs in zip(weights, result.expert_coeffs):
+        torch.testing.assert_close(shared_part("output", result.shared_basis, coeffs), w, rtol=1e-9, atol=1e-9)
+
+
+def test_rank_zero_gives_no_shared_part():
+    result = decompose(experts(), identity_klt(16), fixed(0))
+    assert result.rank == 0 and result.expert_coeffs[0].shape == (12, 0)
+    assert shared_part("input", result.shared_basis, result.expert_coeffs[0]).abs().max() == 0
+
+
+def test_rank_options():
+    rho = torch.tensor([0.5, 0.7, 0.8, 0.9, 1.0], dtype=torch.float64)
+    assert select_rank(rho, 1408, 2048) == 5  # 1408/128 = 11, capped at the spectrum's length
+    assert select_rank(torch.linspace(0, 1, 2048, dtype=torch.float64), 1408, 2048) == 11
+    assert select_rank(torch.linspace(0, 1, 2048, dtype=torch.float64), 100, 2048) == 1  # at least 1
+    assert select_rank(rho, 64, 64, rank_ratio=1 / 32) == 2
+    assert select_rank(rho, 64, 64, rank=0) == 0
+    assert select_rank(rho, 64, 64, energy=0.7) == 2
+    assert select_rank(rho, 64, 64, energy=0.75) == 3
+    with pytest.raises(KbvqError, match="only one of"):
+        select_rank(rho, 64, 64, rank=1, energy=0.5)
+    with pytest.raises(KbvqError, match="energy must be"):
+        select_rank(rho, 64, 64, energy=1.5)
