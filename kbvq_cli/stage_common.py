@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kbvq_cli.errors import KbvqError
 from kbvq_cli.recipe import ResolvedStage, save_run_recipe
 from kbvq_cli.settings import settings_dict
 from kbvq_cli.stage_dir import StageDir
@@ -21,3 +22,9 @@ def open_stage(resolved: ResolvedStage, stage: str, config: dict, inputs: dict, 
 def upstream_inputs(stage_dirs: dict[str, StageDir]) -> dict:
     """Identity of the upstream stages a stage reads: their manifest hashes."""
     return {name: stage_dir.manifest_hash() for name, stage_dir in stage_dirs.items()}
+
+
+def require_model(resolved: ResolvedStage) -> str:
+    if resolved.model is None:
+        raise KbvqError(f"no model recorded in {resolved.run_dir}/recipe.yaml; run `kbvq calibrate --model ...` first")
+    return resolved.model

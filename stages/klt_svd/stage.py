@@ -20,7 +20,7 @@ from kbvq_cli.errors import KbvqError
 from kbvq_cli.experts import SHARED, LayerExperts, layer_experts
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.recipe import ResolvedStage
-from kbvq_cli.stage_common import hashed_settings, open_stage, upstream_inputs
+from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
 from kbvq_cli.streaming import pick_device
 from stages.calibrate.reader import Calibration, CalibrationLayer
 from stages.klt_svd.core import damped_klt, decompose, identity_klt, select_rank
@@ -32,7 +32,7 @@ STORE_DTYPE = torch.float16
 def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     settings = resolved.settings
     calibration = Calibration(resolved.run_dir)
-    source = ModelSource(_model(resolved))
+    source = ModelSource(require_model(resolved))
     device = pick_device(settings.device)
     inputs = {"upstream": upstream_inputs({"calibrate": calibration.stage_dir}), "model": source.fingerprint()}
     stage_dir = open_stage(resolved, STAGE, hashed_settings(settings), inputs, restart)
@@ -59,12 +59,6 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     info(f"klt-svd: {len(moe_layers)} MoE layers in {seconds:.1f}s; the shared parts hold {100 * mean_rho:.1f}% "
          f"of the mapped weights' energy (mean rho_k), leaving {100 * (1 - mean_rho):.1f}% to VQ")
     return summary
-
-
-def _model(resolved: ResolvedStage) -> str:
-    if resolved.model is None:
-        raise KbvqError(f"no model recorded in {resolved.run_dir}/recipe.yaml; run `kbvq calibrate --model ...` first")
-    return resolved.model
 
 
 def _chooser(settings, oc: int, ic: int):
