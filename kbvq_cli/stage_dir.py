@@ -97,6 +97,7 @@ class StageDir:
         cls._refuse_if_changed(path, stage, existing, fresh)
         remove_stale_temps(path)
         stage_dir = cls(path, existing)
+        stage_dir._remove_orphans()
         stage_dir._verify_own_units()
         return stage_dir
 
@@ -227,6 +228,14 @@ class StageDir:
             )
         tensors = load(data)
         return {key: value.to(device) for key, value in tensors.items()} if device != "cpu" else tensors
+
+    def _remove_orphans(self) -> None:
+        """Delete shards no manifest entry names: written just before a kill, or superseded (a previous
+        activations checkpoint whose deletion the kill pre-empted). They were never committed."""
+        named = {record["file"] for record in {**self.manifest["units"], **self.manifest["aux"]}.values()}
+        for shard in self.path.glob("*.safetensors"):
+            if shard.name not in named:
+                shard.unlink(missing_ok=True)
 
     def _verify_own_units(self) -> None:
         """On resume, hash every finished shard; a bad one is dropped and redone, never used."""

@@ -87,3 +87,11 @@ def test_unreadable_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "demo" / "manifest.json").write_text("{not json")
     with pytest.raises(KbvqError, match="manifest of .* is unreadable"):
         make(tmp_path)
+
+
+def test_uncommitted_shards_are_removed_on_resume(tmp_path):
+    stage = make(tmp_path)
+    stage.write_unit("u0", {"w": torch.ones(2)})
+    stage.write_aux("activations_005", {"h": torch.ones(2)})  # written, never committed (killed)
+    make(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "demo").glob("*.safetensors")) == ["u0.safetensors"]

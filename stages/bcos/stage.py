@@ -43,13 +43,12 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     if stage_dir.complete:
         info(f"bcos: already complete in {stage_dir.path}")
         return stage_dir.manifest["summary"]
-    if settings.propagate:
-        from stages.bcos.propagate import propagated_moments
-
-        moments_of = propagated_moments(source, calibration, klt, codes, stage_dir, settings, device)
-    else:
-        moments_of = None
     started, layers = time.time(), klt.layers()
+    if settings.propagate:
+        from stages.bcos.propagate import run_propagated
+
+        run_propagated(stage_dir, source, calibration, klt, codes, settings, device)
+        return _finish(stage_dir, layers, time.time() - started)
     with progress_bar() as progress:
         task = progress.add_task("bcos layers", total=len(layers))
         for index in layers:
@@ -58,8 +57,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
                 experts = layer_experts(source, index, torch.float32, device)
                 quantized = quantized_layer(experts, klt, codes, index, device)
                 stats = calibration.layer(index, device)
-                inputs_q = moments_of(index, quantized) if moments_of is not None else None
-                tensors, metadata = correct_layer(experts, quantized, stats, inputs_q, settings)
+                tensors, metadata = correct_layer(experts, quantized, stats, settings)
                 stage_dir.write_unit(name, tensors, {"layer": index, **metadata})
             progress.advance(task)
     return _finish(stage_dir, layers, time.time() - started)
@@ -89,16 +87,14 @@ def expert_input_moments(stats: CalibrationLayer, experts: LayerExperts, expert,
     return input_moments(moments.sum_x[expert], moments.sum_xxT[expert], moments.count[expert])
 
 
-def correct_layer(experts: LayerExperts, quantized: dict, stats: CalibrationLayer, quantized_inputs, settings
-                  ) -> tuple[dict, dict]:
+def correct_layer(experts: LayerExperts, quantized: dict, stats: CalibrationLayer, settings) -> tuple[dict, dict]:
     tensors, starved, before, after, flat = {}, set(), [], [], 0
     for projection in PROJECTIONS:
         scales, shifts = [], []
         for expert in experts.expert_ids():
             full_moments = expert_input_moments(stats, experts, expert, projection)
-            q_moments = quantized_inputs(projection, expert) if quantized_inputs is not None else None
             correction = bcos_correction(experts.matrix(projection, expert), quantized[(projection, expert)],
-                                         full_moments, q_moments, mode=settings.mode,
+                                         full_moments, mode=settings.mode,
                                          min_tokens=settings.min_tokens, min_std_ratio=settings.min_std_ratio)
             if correction.starved:
                 starved.add(str(expert))

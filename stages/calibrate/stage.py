@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from kbvq_cli.activations import commit_layer, resume_activations
 from kbvq_cli.console import info, progress_bar, warn
 from kbvq_cli.data import data_fingerprint, load_documents, sample_sequences
 from kbvq_cli.hashing import sha256_bytes
@@ -60,18 +61,11 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     return _calibrate_layers(stage_dir, source, settings, tokens, device)
 
 
-def _resume_point(stage_dir: StageDir, streamer: LayerStreamer, tokens: torch.Tensor):
-    next_layer = int(stage_dir.manifest["state"].get("next_layer", 0))
-    if next_layer == 0:
-        return 0, streamer.embed(tokens)
-    hidden = stage_dir.read_aux("activations")["hidden"]
-    info(f"calibrate: resuming at layer {next_layer} of {streamer.source.num_layers}")
-    return next_layer, hidden
-
-
 def _calibrate_layers(stage_dir, source, settings, tokens, device) -> dict:
     streamer = LayerStreamer(source, device)
-    start, hidden = _resume_point(stage_dir, streamer, tokens)
+    start, hidden = resume_activations(stage_dir, lambda: streamer.embed(tokens))
+    if start:
+        info(f"calibrate: resuming at layer {start} of {source.num_layers}")
     started, starved = time.time(), dict(stage_dir.manifest["state"].get("starved", {}))
     dtype = getattr(torch, settings.moments_dtype)
     with progress_bar() as progress:
@@ -86,8 +80,9 @@ def _calibrate_layers(stage_dir, source, settings, tokens, device) -> dict:
             starved_here = collector.starved_experts(settings.min_expert_tokens)
             if starved_here:
                 starved[str(index)] = starved_here
-            _commit_layer(stage_dir, index, collector.tensors(dtype), collector.metadata(), hidden,
-                          source.num_layers, starved)
+            unit = (_layer_name(index), collector.tensors(dtype), {"layer": index, **collector.metadata()})
+            last = index + 1 == source.num_layers  # the last layer's output is not needed by anything
+            commit_layer(stage_dir, index, unit, None if last else hidden, {"starved": starved})
             del layer, collector
             progress.advance(task)
     return _finish(stage_dir, source, starved, time.time() - started, start)
@@ -103,22 +98,6 @@ def _forward_layer(streamer, layer, index, hidden, batch_size, device) -> torch.
         result = result[0] if isinstance(result, tuple) else result
         output[begin:begin + batch_size] = result.to("cpu")
     return output
-
-
-def _commit_layer(stage_dir: StageDir, index: int, stats: dict, metadata: dict, hidden, num_layers: int,
-                  starved: dict) -> None:
-    """Shard and next activations first, then one manifest commit; the old activations go last."""
-    old = stage_dir.manifest["aux"].get("activations")
-    aux = {}
-    if index + 1 < num_layers:
-        aux["activations"] = stage_dir.write_aux(f"activations_{index + 1:03d}", {"hidden": hidden})
-    else:  # the last layer's output is not needed by anything
-        stage_dir.manifest["aux"].pop("activations", None)
-    metadata = {"layer": index, **metadata}
-    stage_dir.write_unit(_layer_name(index), stats, metadata, aux=aux,
-                         state={"next_layer": index + 1, "starved": starved})
-    if old is not None and (not aux or old["file"] != aux["activations"].file):
-        (stage_dir.path / old["file"]).unlink(missing_ok=True)
 
 
 def _finish(stage_dir: StageDir, source: ModelSource, starved: dict, seconds: float, start: int) -> dict:

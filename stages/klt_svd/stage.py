@@ -23,7 +23,7 @@ from kbvq_cli.recipe import ResolvedStage
 from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
 from kbvq_cli.streaming import pick_device
 from stages.calibrate.reader import Calibration, CalibrationLayer
-from stages.klt_svd.core import damped_klt, decompose, identity_klt, select_rank
+from stages.klt_svd.core import damped_klt, decompose, select_rank
 
 STAGE = "klt-svd"
 STORE_DTYPE = torch.float16

@@ -1,0 +1,145 @@
+"""`kbvq bcos --propagate`: corrections from the inputs the quantized model itself produces.
+
+The calibration tokens are pushed layer by layer through the *quantized and corrected* model (every
+earlier layer's experts replaced by `What` with their BCOS corrections). At each MoE layer:
+1. the block input and routing are captured from that quantized stream;
+2. gate and up are corrected from those inputs' per-expert moments (against the full-precision
+   moments from `calibrate`);
+3. the down input is recomputed through the corrected gate and up, and down is corrected from it;
+4. the corrected layer is installed and the stream advances.
+So each correction also removes the drift accumulated upstream (the paper's motivation, Fig. 3).
+Activations are committed with each layer, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kbvq_cli.activations import commit_layer, resume_activations
+from kbvq_cli.console import progress_bar
+from kbvq_cli.corrected_experts import CorrectedExperts, corrected_linear, fold
+from kbvq_cli.experts import PROJECTIONS, SHARED, LayerExperts, layer_experts
+from kbvq_cli.streaming import LayerStreamer, module_at
+from stages.bcos.core import bcos_correction, input_moments
+from stages.bcos.stage import STORE_DTYPE, expert_input_moments, quantized_layer
+from stages.calibrate.core import routed_tokens
+
+
+def _moments_of(x: torch.Tensor):
+    x = x.float()
+    return input_moments(x.sum(0, dtype=torch.float64), (x.T @ x).double(), x.shape[0])
+
+
+def _correct(experts, quantized, stats, projection, expert, q_input, settings):
+    return bcos_correction(experts.matrix(projection, expert), quantized[(projection, expert)],
+                           expert_input_moments(stats, experts, expert, projection), _moments_of(q_input),
+                           mode=settings.mode, min_tokens=settings.min_tokens, min_std_ratio=settings.min_std_ratio)
+
+
+def _apply(weight, correction, x):
+    scale, shift = correction.scale.to(STORE_DTYPE).float(), correction.shift.to(STORE_DTYPE).float()
+    return (1 + scale) * (x @ weight.T) + shift
+
+
+def layer_corrections(experts: LayerExperts, quantized: dict, stats, x: torch.Tensor, routing: torch.Tensor,
+                      act_fns: dict, settings) -> tuple[dict, dict]:
+    """Corrections of one MoE layer from its quantized-stream block input `x [T, H]` and routing `[T, k]`."""
+    tokens_of = routed_tokens(routing, experts.num_experts)
+    per_projection = {p: {} for p in PROJECTIONS}
+    starved = []
+    for expert in experts.expert_ids():
+        xe = x if expert == SHARED else x[tokens_of[expert]]
+        gate = _correct(experts, quantized, stats, "gate", expert, xe, settings)
+        up = _correct(experts, quantized, stats, "up", expert, xe, settings)
+        act = act_fns[SHARED if expert == SHARED else "routed"]
+        h = act(_apply(quantized[("gate", expert)], gate, xe)) * _apply(quantized[("up", expert)], up, xe)
+        down = _correct(experts, quantized, stats, "down", expert, h, settings)
+        for projection, correction in (("gate", gate), ("up", up), ("down", down)):
+            per_projection[projection][expert] = correction
+        if gate.starved:
+            starved.append(str(expert))
+    tensors = {}
+    for projection, corrections in per_projection.items():
+        routed = [corrections[e] for e in range(experts.num_experts)]
+        tensors[f"{projection}.scale"] = torch.stack([c.scale for c in routed]).to(STORE_DTYPE)
+        tensors[f"{projection}.shift"] = torch.stack([c.shift for c in routed]).to(STORE_DTYPE)
+        if SHARED in corrections:
+            tensors[f"{SHARED}.{projection}.scale"] = corrections[SHARED].scale.to(STORE_DTYPE)
+            tensors[f"{SHARED}.{projection}.shift"] = corrections[SHARED].shift.to(STORE_DTYPE)
+    return tensors, {"starved": starved, "flat_channels": 0, "error_before": None, "error_after": None}
+
+
+def install_corrections(layer, adapter, experts: LayerExperts, quantized: dict, tensors: dict) -> None:
+    """Replace the layer's experts by the quantized, corrected ones (as the packed model computes them)."""
+    def stored(name):
+        return tensors[name].float().to(quantized[("gate", 0)].device)
+
+    routed = range(experts.num_experts)
+    gate_up = torch.stack([torch.cat([fold(quantized[("gate", e)], stored("gate.scale")[e]),
+                                      fold(quantized[("up", e)], stored("up.scale")[e])]) for e in routed])
+    down = torch.stack([fold(quantized[("down", e)], stored("down.scale")[e]) for e in routed])
+    gate_up_bias = torch.cat([stored("gate.shift"), stored("up.shift")], dim=1)
+    original = module_at(layer, adapter.experts)
+    parent_path, _, name = adapter.experts.rpartition(".")
+    setattr(module_at(layer, parent_path), name,
+            CorrectedExperts(gate_up, gate_up_bias, down, stored("down.shift"), original.act_fn))
+    if experts.shared:
+        shared = module_at(layer, experts.shared_path)
+        for projection in PROJECTIONS:
+            setattr(shared, f"{projection}_proj", corrected_linear(
+                quantized[(projection, SHARED)], stored(f"{SHARED}.{projection}.scale"),
+                stored(f"{SHARED}.{projection}.shift")))
+
+
+@torch.no_grad()
+def capture_block_inputs(streamer: LayerStreamer, layer, index: int, hidden, batch_size: int, device):
+    """Run `layer` over the stream; return the MoE block inputs [T, H] and routing [T, k] its experts saw."""
+    captured = []
+
+    def hook(module, args):
+        captured.append((args[0].reshape(-1, args[0].shape[-1]).float(), args[1]))
+
+    handle = module_at(layer, streamer.adapter.experts).register_forward_pre_hook(hook)
+    try:
+        run_stream(streamer, layer, index, hidden, batch_size, device)
+    finally:
+        handle.remove()
+    return torch.cat([x for x, _ in captured]), torch.cat([r for _, r in captured])
+
+
+@torch.no_grad()
+def run_stream(streamer: LayerStreamer, layer, index: int, hidden, batch_size: int, device) -> torch.Tensor:
+    output = torch.empty_like(hidden)
+    for begin in range(0, hidden.shape[0], batch_size):
+        batch = hidden[begin:begin + batch_size].to(device)
+        result = layer(batch, **streamer.layer_kwargs(index, batch))
+        output[begin:begin + batch_size] = (result[0] if isinstance(result, tuple) else result).cpu()
+    return output
+
+
+def run_propagated(stage_dir, source, calibration, klt, codes, settings, device) -> None:
+    """The layer loop of `--propagate`, resumable: activations are committed with each layer."""
+    streamer = LayerStreamer(source, device)
+    moe_layers = set(klt.layers())
+    start, hidden = resume_activations(stage_dir, lambda: streamer.embed(calibration.tokens()))
+    batch_size = 1
+    with progress_bar() as progress:
+        task = progress.add_task("bcos --propagate layers", total=source.num_layers, completed=start)
+        for index in range(start, source.num_layers):
+            layer = streamer.build_layer(index)
+            tensors = metadata = None
+            if index in moe_layers:
+                experts = layer_experts(source, index, torch.float32, device)
+                quantized = quantized_layer(experts, klt, codes, index, device)
+                x, routing = capture_block_inputs(streamer, layer, index, hidden, batch_size, device)
+                act_fns = {"routed": module_at(layer, source.adapter.experts).act_fn}
+                if experts.shared:
+                    act_fns[SHARED] = module_at(layer, experts.shared_path).act_fn
+                tensors, metadata = layer_corrections(experts, quantized, calibration.layer(index, device), x,
+                                                      routing, act_fns, settings)
+                install_corrections(layer, source.adapter, experts, quantized, tensors)
+            last = index + 1 == source.num_layers
+            hidden = hidden if last else run_stream(streamer, layer, index, hidden, batch_size, device)
+            unit = None if tensors is None else (f"layer_{index:03d}", tensors, {"layer": index, **metadata})
+            commit_layer(stage_dir, index, unit, None if last else hidden, {})
+            progress.advance(task)
