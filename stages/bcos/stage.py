@@ -76,15 +76,11 @@ def quantized_layer(experts: LayerExperts, klt: KltSvd, codes: VqCodes, index: i
 
 def expert_input_moments(stats: CalibrationLayer, experts: LayerExperts, expert, projection: str) -> InputMoments:
     """The full-precision input moments of one expert's projection (its routed tokens)."""
-    if expert == SHARED:
-        consumer = "block" if projection != "down" else f"linear.{experts.shared_path}.down_proj"
-        moments = stats.input_moments(consumer)
-        return input_moments(moments.sum_x, moments.sum_xxT, moments.count.sum())
-    moments = stats.expert_moments("gate_up" if projection != "down" else "down")
+    moments = stats.expert_input(projection, expert, experts.shared_path)
     if moments.sum_xxT is None:
         raise KbvqError("closed-form BCOS needs per-expert second moments; rerun `kbvq calibrate --restart` with "
-                        "expert_second_moments: true in the recipe, or use `kbvq bcos --propagate`")
-    return input_moments(moments.sum_x[expert], moments.sum_xxT[expert], moments.count[expert])
+                        "expert_second_moments: true in the recipe")
+    return input_moments(moments.sum_x, moments.sum_xxT, moments.count.sum())
 
 
 def correct_layer(experts: LayerExperts, quantized: dict, stats: CalibrationLayer, settings) -> tuple[dict, dict]:

@@ -53,6 +53,16 @@ class CalibrationLayer:
         count = int(self.tensors["experts.down.count"].sum())
         return self.tensors["experts.down.pooled_sum_xxT"].double() / max(count - 1, 1)
 
+    def expert_input(self, projection: str, expert, shared_path: str | None) -> Moments:
+        """Moments of one expert's `projection` input over its routed tokens (all tokens for the shared
+        expert, `expert == "shared"`); `sum_xxT` is None if calibrate kept no per-expert second moments."""
+        if expert == "shared":
+            consumer = "block" if projection != "down" else f"linear.{shared_path}.down_proj"
+            return self.input_moments(consumer)
+        stacked = self.expert_moments("gate_up" if projection != "down" else "down")
+        second = stacked.sum_xxT[expert] if stacked.sum_xxT is not None else None
+        return Moments(stacked.sum_x[expert], second, stacked.count[expert])
+
     @property
     def router_load(self) -> torch.Tensor:
         return self.tensors["router.load"]

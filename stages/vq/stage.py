@@ -18,6 +18,8 @@ from kbvq_cli.model_files import ModelSource
 from kbvq_cli.recipe import ResolvedStage
 from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
 from kbvq_cli.streaming import pick_device
+from stages.calibrate.reader import Calibration
+from stages.klt_svd.core import output_error
 from stages.klt_svd.reader import KltSvd
 from stages.vq.backends import make_backend
 from stages.vq.core import dequantize, vq_quantize
@@ -32,43 +34,46 @@ def unit_name(layer: int, expert) -> str:
 
 def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     settings = resolved.settings
-    klt = KltSvd(resolved.run_dir)
+    calibration, klt = Calibration(resolved.run_dir), KltSvd(resolved.run_dir)
     source = ModelSource(require_model(resolved))
     device = pick_device(settings.device) if settings.backend == "torch" else "cpu"
-    inputs = {"upstream": upstream_inputs({"klt-svd": klt.stage_dir}), "model": source.fingerprint(),
-              "compute": torch.device(device).type}
+    upstream = upstream_inputs({"calibrate": calibration.stage_dir, "klt-svd": klt.stage_dir})
+    inputs = {"upstream": upstream, "model": source.fingerprint(), "compute": torch.device(device).type}
     stage_dir = open_stage(resolved, STAGE, hashed_settings(settings), inputs, restart)
     if stage_dir.complete:
         info(f"vq: already complete in {stage_dir.path}")
         return stage_dir.manifest["summary"]
-    backend, started, errors = make_backend(settings.backend), time.time(), []
-    layers = klt.layers()
-    per_layer = source.num_experts + (1 if source.adapter.shared_experts else 0)
+    backend, started, layers = make_backend(settings.backend), time.time(), klt.layers()
     with progress_bar() as progress:
-        task = progress.add_task("vq experts", total=len(layers) * per_layer)
+        task = progress.add_task("vq experts", total=len(layers) * len(_expert_ids(source)))
         for index in layers:
-            experts, parts = None, None
-            for expert in _expert_ids(source):
-                name = unit_name(index, expert)
-                if not stage_dir.has_unit(name):
-                    if experts is None:
-                        experts, parts = layer_experts(source, index, torch.float32, device), klt.layer(index, device)
-                    if expert == SHARED and not experts.shared:
-                        progress.advance(task)
-                        continue
+            todo = [e for e in _expert_ids(source) if not stage_dir.has_unit(unit_name(index, e))]
+            progress.advance(task, len(_expert_ids(source)) - len(todo))
+            if not todo:
+                continue
+            experts = layer_experts(source, index, torch.float32, device)
+            parts, stats = klt.layer(index, device), calibration.layer(index, device)
+            for expert in todo:
+                if expert in experts.expert_ids():
                     progress.update(task, description=f"vq layer {index} expert {expert}")
-                    tensors, metadata = quantize_expert(experts, parts, expert, settings, backend)
-                    stage_dir.write_unit(name, tensors, {"layer": index, "expert": expert, **metadata})
-                if stage_dir.has_unit(name):
-                    errors.extend(stage_dir.read_metadata(name)["relative_error"].values())
+                    tensors, metadata = quantize_expert(experts, parts, stats, expert, settings, backend)
+                    stage_dir.write_unit(unit_name(index, expert), tensors, {"layer": index, "expert": expert,
+                                                                             **metadata})
                 progress.advance(task)
-    seconds = time.time() - started
-    mean_error = sum(errors) / max(len(errors), 1)
-    summary = {"layers": len(layers), "units": len(stage_dir.unit_names()), "seconds": round(seconds, 3),
-               "mean_relative_weight_error_of_residual": round(mean_error, 6)}
+    return _finish(stage_dir, settings, len(layers), time.time() - started)
+
+
+def _finish(stage_dir, settings, layers: int, seconds: float) -> dict:
+    metas = [stage_dir.read_metadata(name) for name in stage_dir.unit_names()]
+    mean = lambda key: sum(v for m in metas for v in m[key].values()) / max(3 * len(metas), 1)  # noqa: E731
+    summary = {"layers": layers, "units": len(metas), "seconds": round(seconds, 3),
+               "mean_relative_output_error_shared_part_only": round(mean("output_error_before"), 6),
+               "mean_relative_output_error": round(mean("output_error"), 6),
+               "mean_relative_weight_error_of_residual": round(mean("relative_error"), 6)}
     stage_dir.finish(summary)
-    info(f"vq: {len(layers)} layers, {summary['units']} experts in {seconds:.1f}s at {settings.bits} bits "
-         f"(d={settings.dim}); mean relative error of the quantized residual {mean_error:.4f}")
+    info(f"vq: {layers} layers, {len(metas)} experts in {seconds:.1f}s at {settings.bits} bits (d={settings.dim}); "
+         f"mean relative output error {summary['mean_relative_output_error_shared_part_only']:.4f} with the "
+         f"shared part alone -> {summary['mean_relative_output_error']:.4f} with VQ")
     return summary
 
 
@@ -76,15 +81,28 @@ def _expert_ids(source: ModelSource) -> list:
     return list(range(source.num_experts)) + ([SHARED] if source.adapter.shared_experts else [])
 
 
-def quantize_expert(experts, parts, expert, settings, backend) -> tuple[dict, dict]:
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor) -> float:
+    """`Tr(E C E^T) / Tr(W C W^T)`: the output MSE relative to the output energy on the calibration inputs."""
+    error = output_error(weight - approx, second_moment)
+    return float(error / output_error(weight, second_moment).clamp_min(1e-30))
+
+
+def quantize_expert(experts, parts, stats, expert, settings, backend) -> tuple[dict, dict]:
     """The three projections of one expert: codebooks, indices, and their relative errors."""
-    tensors, relative = {}, {}
+    tensors, weight_error, before, after = {}, {}, {}, {}
     for projection in PROJECTIONS:
-        residual = parts.residual(projection, expert, experts.matrix(projection, expert))
+        weight = experts.matrix(projection, expert)
+        residual = parts.residual(projection, expert, weight)
         result = vq_quantize(residual, settings.bits, settings.dim, settings.iters, settings.seed, backend)
         codebook = result.codebook.to(CODEBOOK_DTYPE)
         tensors[f"{projection}.codebook"] = codebook
         tensors[f"{projection}.indices"] = result.indices.to(torch.int16)
         approx = dequantize(result.indices, codebook.float(), residual.shape)
-        relative[projection] = float((residual - approx).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-30))
-    return tensors, {"relative_error": relative}
+        weight_error[projection] = float((residual - approx).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-30))
+        moments = stats.expert_input(projection, expert, experts.shared_path)
+        second = moments.sum_xxT if moments.sum_xxT is not None and int(moments.count) > 0 else None
+        second = second if second is not None else torch.eye(weight.shape[1], device=weight.device)
+        share = weight - residual
+        before[projection] = relative_output_error(weight, share, second)
+        after[projection] = relative_output_error(weight, share + approx, second)
+    return tensors, {"relative_error": weight_error, "output_error_before": before, "output_error": after}
