@@ -22,7 +22,8 @@ from stages.calibrate.reader import Calibration
 from stages.klt_svd.core import output_error
 from stages.klt_svd.reader import KltSvd
 from stages.vq.backends import make_backend
-from stages.vq.core import dequantize, vq_quantize
+from stages.vq.batched import kmeans_batched
+from stages.vq.core import codebook_size, dequantize, to_subvectors, vq_quantize
 
 STAGE = "vq"
 CODEBOOK_DTYPE = torch.float16
@@ -53,13 +54,15 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
                 continue
             experts = layer_experts(source, index, torch.float32, device)
             parts, stats = klt.layer(index, device), calibration.layer(index, device)
-            for expert in todo:
-                if expert in experts.expert_ids():
-                    progress.update(task, description=f"vq layer {index} expert {expert}")
-                    tensors, metadata = quantize_expert(experts, parts, stats, expert, settings, backend)
+            absent = [e for e in todo if e not in experts.expert_ids()]  # e.g. no shared expert in this layer
+            progress.advance(task, len(absent))
+            todo = [e for e in todo if e not in absent]
+            for group in _groups(todo, settings.expert_batch if settings.backend == "torch" else 1):
+                progress.update(task, description=f"vq layer {index} expert {group[0]}")
+                for expert, tensors, metadata in quantize_group(experts, parts, stats, group, settings, backend):
                     stage_dir.write_unit(unit_name(index, expert), tensors, {"layer": index, "expert": expert,
                                                                              **metadata})
-                progress.advance(task)
+                    progress.advance(task)
     return _finish(stage_dir, settings, len(layers), time.time() - started)
 
 
@@ -77,6 +80,13 @@ def _finish(stage_dir, settings, layers: int, seconds: float) -> dict:
     return summary
 
 
+def _groups(todo: list, size: int) -> list[list]:
+    """Routed experts in groups of `size` (same shape, batched on the GPU); the shared expert alone."""
+    routed = [e for e in todo if e != SHARED]
+    groups = [routed[i:i + size] for i in range(0, len(routed), max(size, 1))]
+    return groups + ([[SHARED]] if SHARED in todo else [])
+
+
 def _expert_ids(source: ModelSource) -> list:
     return list(range(source.num_experts)) + ([SHARED] if source.adapter.shared_experts else [])
 
@@ -87,22 +97,37 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, second_mom
     return float(error / output_error(weight, second_moment).clamp_min(1e-30))
 
 
-def quantize_expert(experts, parts, stats, expert, settings, backend) -> tuple[dict, dict]:
-    """The three projections of one expert: codebooks, indices, and their relative errors."""
-    tensors, weight_error, before, after = {}, {}, {}, {}
+def _codes(residuals: list[torch.Tensor], settings, backend) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(codebook float32 [K, d], indices [oc, ic/d]) per matrix: one by one, or batched on the torch backend."""
+    same_shape = len({tuple(r.shape) for r in residuals}) == 1
+    if settings.backend == "torch" and len(residuals) > 1 and same_shape:
+        points = torch.stack([to_subvectors(r.float(), settings.dim) for r in residuals]).contiguous()
+        codebooks, indices, _, _ = kmeans_batched(points, codebook_size(settings.bits, settings.dim),
+                                                  settings.iters, settings.seed)
+        return [(codebooks[i], indices[i].reshape(r.shape[0], -1)) for i, r in enumerate(residuals)]
+    results = [vq_quantize(r, settings.bits, settings.dim, settings.iters, settings.seed, backend) for r in residuals]
+    return [(result.codebook, result.indices) for result in results]
+
+
+def quantize_group(experts, parts, stats, group: list, settings, backend) -> list[tuple[object, dict, dict]]:
+    """Quantize the experts in `group` (one layer): [(expert, tensors, metadata)] with their relative errors."""
+    out = {expert: ({}, {"relative_error": {}, "output_error_before": {}, "output_error": {}}) for expert in group}
     for projection in PROJECTIONS:
-        weight = experts.matrix(projection, expert)
-        residual = parts.residual(projection, expert, weight)
-        result = vq_quantize(residual, settings.bits, settings.dim, settings.iters, settings.seed, backend)
-        codebook = result.codebook.to(CODEBOOK_DTYPE)
-        tensors[f"{projection}.codebook"] = codebook
-        tensors[f"{projection}.indices"] = result.indices.to(torch.int16)
-        approx = dequantize(result.indices, codebook.float(), residual.shape)
-        weight_error[projection] = float((residual - approx).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-30))
-        moments = stats.expert_input(projection, expert, experts.shared_path)
-        second = moments.sum_xxT if moments.sum_xxT is not None and int(moments.count) > 0 else None
-        second = second if second is not None else torch.eye(weight.shape[1], device=weight.device)
-        share = weight - residual
-        before[projection] = relative_output_error(weight, share, second)
-        after[projection] = relative_output_error(weight, share + approx, second)
-    return tensors, {"relative_error": weight_error, "output_error_before": before, "output_error": after}
+        weights = [experts.matrix(projection, expert) for expert in group]
+        residuals = [parts.residual(projection, e, w) for e, w in zip(group, weights)]
+        for expert, weight, residual, (codebook, indices) in zip(group, weights, residuals,
+                                                                 _codes(residuals, settings, backend)):
+            tensors, metadata = out[expert]
+            codebook = codebook.to(CODEBOOK_DTYPE)
+            tensors[f"{projection}.codebook"] = codebook
+            tensors[f"{projection}.indices"] = indices.to(torch.int16)
+            approx = dequantize(indices, codebook.float(), residual.shape)
+            metadata["relative_error"][projection] = float(
+                (residual - approx).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-30))
+            moments = stats.expert_input(projection, expert, experts.shared_path)
+            second = moments.sum_xxT if moments.sum_xxT is not None and int(moments.count) > 0 else None
+            second = second if second is not None else torch.eye(weight.shape[1], device=weight.device)
+            share = weight - residual
+            metadata["output_error_before"][projection] = relative_output_error(weight, share, second)
+            metadata["output_error"][projection] = relative_output_error(weight, share + approx, second)
+    return [(expert, *out[expert]) for expert in group]
