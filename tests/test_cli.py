@@ -20,8 +20,10 @@ def invoke(*args):
 def assert_one_line_error(result, pattern):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert pattern in lines[0], lines[0]
+    errors = [line for line in lines if line.startswith("error: ")]
+    # one line, and the last thing printed (a progress bar may precede an error found mid-stage)
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    assert pattern in errors[0], errors[0]
     assert "Traceback" not in result.output
 
 
@@ -114,3 +116,35 @@ def test_missing_local_data(spec, tiny_model_dir, tmp_path):
     result = invoke("calibrate", "--model", tiny_model_dir("olmoe"), "--data", tmp_path / spec,
                     "--run", tmp_path / "run")
     assert_one_line_error(result, "does not exist")
+
+
+def test_corrupt_upstream_shard_is_reported_not_used(tiny_model_dir, calib_text, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text, "--samples", 2,
+                  "--seqlen", 16, "--run", run).exit_code == 0
+    shard = run / "calibrate" / "layer_001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x10
+    shard.write_bytes(bytes(data))
+    assert_one_line_error(invoke("klt-svd", "--run", run), "layer_001.safetensors")
+    assert not (run / "klt-svd" / "layer_001.safetensors").exists()
+
+
+def test_unfinished_upstream_is_refused(tiny_model_dir, calib_text, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text, "--samples", 2,
+                  "--seqlen", 16, "--run", run).exit_code == 0
+    manifest = run / "calibrate" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
+    assert_one_line_error(invoke("vq", "--run", run), "is unfinished; rerun `kbvq calibrate")
+    assert_one_line_error(invoke("klt-svd", "--run", run), "calibrate in")
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_model_dir, calib_text, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = invoke("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text, "--device", "cuda",
+                    "--run", tmp_path / "run")
+    assert_one_line_error(result, "no CUDA device is visible; use --device cpu")
