@@ -1,10 +1,10 @@
 """Seconds per layer of every method stage (calibrate, klt-svd, vq at 2 and 3 bits, bcos) on one model.
 
-Default: a random-weight Qwen1.5-MoE-architecture model, 4 layers, hidden 512, 16 experts of 256,
-a shared expert of 512, on 16 x 256 calibration tokens, on the CPU. Each stage runs as a real
+Default: a random-weight Qwen1.5-MoE-architecture model, 4 layers, hidden 128, 16 experts of 64,
+a shared expert of 128 (the size of the largest test model), on 16 x 256 calibration tokens, on the CPU. Each stage runs as a real
 `kbvq` subprocess; the figures are the stages' own timings from their manifests.
 
-    python benchmarks/bench_stages.py [--layers 4] [--hidden 512] [--iters 100]
+    python benchmarks/bench_stages.py [--layers 4] [--hidden 128] [--iters 100]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--model-cache", default=str(ROOT / ".cache" / "bench-stages-model"))
     args = parser.parse_args()
