@@ -108,7 +108,7 @@ def select_rank(rho: torch.Tensor, oc: int, ic: int, *, rank_ratio: float | None
         ratio = 1 / 128 if rank_ratio is None else rank_ratio
         if not 0 < ratio <= 1:
             raise KbvqError(f"rank_ratio must be in (0, 1] (got {ratio})")
-        chosen = max(1, int(min(oc, ic) * ratio))
+        chosen = max(1, int(min(oc, ic) * ratio + 1e-9))  # 0.29 * 100 is 28.999999999999996 in floating point
     return min(chosen, int(rho.numel()))
 
 
