@@ -1,0 +1,45 @@
+"""The whole method on the trained mini test-bed (what `make demo` runs), and KBVQ against plain VQ on it.
+
+Needs `testbed-mini/` (`make testbed-mini`, about a minute). CI builds it first; elsewhere the test
+is skipped with that instruction when it is absent.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kbvq_cli.app import app
+from kbvq_cli.stage_dir import StageDir
+from test_method_end_to_end import held_out_block_inputs, output_error
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTBED = ROOT / "testbed-mini"
+pytestmark = pytest.mark.skipif(not (TESTBED / "testbed.json").exists() and os.environ.get("CI") != "true",
+                                reason="build the mini test-bed first: make testbed-mini")
+
+
+def run_recipe(tmp_path: Path, name: str, **stage_overrides) -> Path:
+    recipe = yaml.safe_load((ROOT / "recipes" / "testbed-mini-w2.yaml").read_text())
+    recipe["model"] = str(TESTBED)
+    recipe["calibrate"]["data"] = str(TESTBED / "calib.txt")
+    for stage, settings in stage_overrides.items():
+        recipe[stage.replace("_", "-")].update(settings)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["run", "--recipe", str(path), "--run", str(tmp_path / name)])
+    assert result.exit_code == 0, result.output
+    return tmp_path / name
+
+
+def test_kbvq_on_the_trained_test_bed(tmp_path):
+    kbvq = run_recipe(tmp_path, "kbvq")
+    summary = {stage: StageDir.open_finished(kbvq, stage).manifest["summary"] for stage in ("klt-svd", "vq", "bcos")}
+    assert 0 < summary["klt-svd"]["mean_rho_k"] < 1
+    assert summary["vq"]["mean_relative_output_error"] < summary["vq"]["mean_relative_output_error_shared_part_only"]
+    assert summary["bcos"]["mean_relative_output_error_after"] < summary["bcos"]["mean_relative_output_error_before"]
+    plain = run_recipe(tmp_path, "plain", klt_svd={"rank": 0}, bcos={"mode": "none"})
+    inputs = held_out_block_inputs(TESTBED, TESTBED / "val.txt")
+    assert output_error(kbvq, TESTBED, inputs) < output_error(plain, TESTBED, inputs)
