@@ -1,0 +1,30 @@
+"""`python -m kbvq_cli.testbed --out DIR [--variant full|mini] [--force]`: build a test-bed directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kbvq_cli.errors import KbvqError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kbvq_cli.testbed", description=__doc__)
+    parser.add_argument("--out", default="testbed", help="output directory (default: testbed)")
+    parser.add_argument("--variant", default="full", choices=("full", "mini"),
+                        help="full: about 10 minutes on 2 cores; mini: about a minute, for CI")
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    args = parser.parse_args(argv)
+    from kbvq_cli.testbed.build import build_testbed
+
+    try:
+        build_testbed(Path(args.out), variant=args.variant, force=args.force)
+    except KbvqError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
