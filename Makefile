@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KBVQ   := $(VENV)/bin/kbvq
 
-.PHONY: install demo test test-fast testbed testbed-mini bench bench-calibrate bench-vq clean
+.PHONY: install demo test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages clean
 
 install: $(VENV)/.installed
 
@@ -32,13 +32,16 @@ testbed-mini: install
 demo: install testbed-mini
 	$(KBVQ) run --recipe recipes/testbed-mini-w2.yaml
 
-bench: bench-calibrate bench-vq
+bench: bench-calibrate bench-vq bench-stages
 
 bench-calibrate: install
 	$(PY) benchmarks/bench_calibrate.py
 
 bench-vq: install
 	$(PY) benchmarks/bench_vq.py
+
+bench-stages: install
+	$(PY) benchmarks/bench_stages.py
 
 clean:
 	rm -rf runs .pytest_cache
