@@ -66,8 +66,8 @@ class LayerStreamer:
 
         batch, seqlen, _ = hidden.shape
         position_ids = torch.arange(seqlen, device=hidden.device).unsqueeze(0)
-        mask_args = dict(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                         past_key_values=None, position_ids=position_ids)
+        mask_args = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids)
+        mask_args[_CACHE_ARGUMENT] = None
         sliding = self._layer_is_sliding(index)
         mask = create_sliding_window_causal_mask(**mask_args) if sliding else create_causal_mask(**mask_args)
         if self._rotary is None:
@@ -81,6 +81,18 @@ class LayerStreamer:
         if layer_types:
             return layer_types[index] == "sliding_attention"
         return self.adapter.sliding_window_from_config and getattr(self.config, "sliding_window", None) is not None
+
+
+def _cache_argument_name() -> str:
+    """transformers 5.2x renamed the masks' `past_key_values` argument to `cache`; accept both."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+_CACHE_ARGUMENT = _cache_argument_name()
 
 
 def module_at(root: torch.nn.Module, path: str):
