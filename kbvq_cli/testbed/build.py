@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.testbed import corpus, manifest, sources
 from kbvq_cli.testbed.model import Variant, get_variant
+from kbvq_cli.threads import torch_threads
 
 HELD_OUT = ("calib", "val", "test")
 EVALUATED = ("val", "test")
@@ -44,19 +44,6 @@ def effective_threads(variant: Variant) -> int:
     if not (requested.isdigit() and int(requested) >= 1):
         raise KbvqError(f"{THREADS_ENV}={requested!r} is not a positive integer; unset it or give a thread count")
     return int(requested)
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run with exactly `count` torch threads, restoring the previous count afterwards."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def prepare_splits(variant: Variant) -> tuple[dict[str, Any], dict[str, list[str]]]:

@@ -8,13 +8,14 @@ resolved by index order.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from kbvq_cli.errors import KbvqError
+from kbvq_cli.threads import torch_threads
 from stages.vq.backends import AssignBackend
 
 ALLOWED_BITS = {4: (2, 3), 2: (2, 3, 4)}
@@ -48,19 +49,12 @@ class VqResult:
     iterations: int = 0  # Lloyd iterations actually run (fewer when the assignment stopped changing)
 
 
-@contextmanager
 def _one_cpu_thread(device: torch.device):
     """k-means++ and the centroid update are small vector operations: on the CPU, thread start-up and
     barriers cost more than they save, and on a loaded machine a barrier waiting for a descheduled
     thread made k-means++ 50x slower here (63 s instead of 1.2 s for 4096 codewords). Run them on one
-    thread; restore afterwards. (faiss's search keeps its own threads.)"""
-    previous = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    thread. (faiss's search keeps its own threads.)"""
+    return torch_threads(1) if device.type == "cpu" else nullcontext()
 
 
 def kmeans_pp(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
