@@ -90,18 +90,22 @@ class LayerStatsCollector:
         self.handles.clear()
         self._seen.clear()
 
-    def tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The layer's shard: names -> CPU tensors (second moments in `dtype`, counts int64)."""
+    def release_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The layer's shard: names -> CPU tensors (second moments in `dtype`, counts int64).
+
+        One-shot: each float64 accumulator is freed as soon as it is converted, which keeps the
+        stage's peak memory near one copy of the statistics.
+        """
         out = {}
         for consumer, sums in self.moments.items():
-            out.update(sums.tensors(f"moments.{consumer}", dtype))
+            out.update(sums.release(f"moments.{consumer}", dtype))
         if self.gate_up is not None:
-            out.update(self.gate_up.tensors("experts.gate_up", dtype))
-            out.update(self.down.tensors("experts.down", dtype))
             pooled = self.down.sum_xxT.sum(0) if self.expert_second_moments else self.pooled_down
-            out["experts.down.pooled_sum_xxT"] = pooled.to(dtype)
-            out["router.load"] = self.gate_up.count.clone()
-        return {name: tensor.cpu() for name, tensor in out.items()}
+            out["experts.down.pooled_sum_xxT"] = pooled.to(dtype).cpu()
+            out["router.load"] = self.gate_up.count.cpu().clone()
+            out.update(self.gate_up.release("experts.gate_up", dtype))
+            out.update(self.down.release("experts.down", dtype))
+        return out
 
     def metadata(self) -> dict:
         return {"inputs": dict(sorted(self.alias.items())), "moe": self.gate_up is not None}

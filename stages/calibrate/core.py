@@ -28,10 +28,20 @@ class MomentSums:
             self.sum_xxT[index] += (x.T @ x).double()
         self.count[index] += x.shape[0]
 
-    def tensors(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}.sum_x": self.sum_x.to(dtype), f"{prefix}.count": self.count.reshape(-1)}
+    def release(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The sums as CPU tensors in `dtype` (counts int64), freeing the float64 accumulators.
+
+        Second moments are converted one expert slice at a time, so converting a [E, D, D] float64
+        accumulator costs half its size in extra memory rather than one and a half.
+        """
+        out = {f"{prefix}.sum_x": self.sum_x.to(dtype).cpu(), f"{prefix}.count": self.count.reshape(-1).cpu()}
         if self.sum_xxT is not None:
-            out[f"{prefix}.sum_xxT"] = self.sum_xxT.to(dtype)
+            converted = torch.empty(self.sum_xxT.shape, dtype=dtype, device="cpu")
+            slices = self.sum_xxT.reshape(-1, *self.sum_xxT.shape[-2:])  # [E or 1, D, D], a view
+            for index, block in enumerate(slices):
+                converted.view(-1, *converted.shape[-2:])[index] = block.to(dtype).cpu()
+            self.sum_xxT = None
+            out[f"{prefix}.sum_xxT"] = converted
         return out
 
 

@@ -80,7 +80,8 @@ def _calibrate_layers(stage_dir, source, settings, tokens, device) -> dict:
             starved_here = collector.starved_experts(settings.min_expert_tokens)
             if starved_here:
                 starved[str(index)] = starved_here
-            unit = (_layer_name(index), collector.tensors(dtype), {"layer": index, **collector.metadata()})
+            stats = collector.release_tensors(dtype)
+            unit = (_layer_name(index), stats, {"layer": index, **collector.metadata()})
             last = index + 1 == source.num_layers  # the last layer's output is not needed by anything
             commit_layer(stage_dir, index, unit, None if last else hidden, {"starved": starved})
             del layer, collector
