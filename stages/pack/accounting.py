@@ -1,0 +1,40 @@
+"""Storage and effective bits per weight, METHOD.md §5 (the paper's Appendix A.5).
+
+Per layer and projection, `n` experts of `oc x ic`, shared rank `k`, `b` bits, vector length `d`:
+    bits = 16 k (ic + n oc)            shared basis + expert coefficients (16-bit)
+         + n oc ic b                   indices (b*d bits per d weights)
+         + n 2^(b d) d 16              codebooks (16-bit)
+         + n 2 oc 16                   BCOS scale and shift (16-bit)
+over `n oc ic` weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProjectionBits:
+    shared: int
+    indices: int
+    codebooks: int
+    corrections: int
+    weights: int
+
+    @property
+    def total(self) -> int:
+        return self.shared + self.indices + self.codebooks + self.corrections
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total / self.weights
+
+
+def projection_bits(n: int, oc: int, ic: int, rank: int, bits: int, dim: int) -> ProjectionBits:
+    return ProjectionBits(
+        shared=16 * rank * (ic + n * oc),
+        indices=n * oc * ic * bits,
+        codebooks=n * (2 ** (bits * dim)) * dim * 16,
+        corrections=n * 2 * oc * 16,
+        weights=n * oc * ic,
+    )

@@ -1,0 +1,30 @@
+"""Bit-packing round trips for every index width the codebooks use, odd lengths included."""
+
+import pytest
+import torch
+
+from kbvq_cli.errors import KbvqError
+from stages.pack.bitpack import pack_indices, packed_size, unpack_indices
+
+
+@pytest.mark.parametrize("width", [4, 6, 8, 12, 16, 1, 13])
+@pytest.mark.parametrize("count", [0, 1, 7, 1001, 4096])
+def test_round_trip_and_size(width, count):
+    values = torch.randint(0, 1 << width, (count,), generator=torch.Generator().manual_seed(width * 7 + count))
+    packed = pack_indices(values, width)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(count, width) == (count * width + 7) // 8
+    assert torch.equal(unpack_indices(packed, width, count), values)
+
+
+def test_bit_order_is_little_endian():
+    assert pack_indices(torch.tensor([0xABC, 0x123]), 12).tolist() == [0xBC, 0x3A, 0x12]
+    assert pack_indices(torch.tensor([0x1234]), 16).tolist() == [0x34, 0x12]
+
+
+def test_out_of_range_and_corrupt_sizes_are_errors():
+    with pytest.raises(KbvqError, match="does not fit in 12 bits"):
+        pack_indices(torch.tensor([4096]), 12)
+    with pytest.raises(KbvqError, match="the shard is corrupt"):
+        unpack_indices(torch.zeros(5, dtype=torch.uint8), 12, 4)
+    with pytest.raises(KbvqError, match="1 to 16 bits"):
+        pack_indices(torch.tensor([1]), 17)
