@@ -160,21 +160,14 @@ class StageDir:
         """Write one finished unit (shard) and commit it; optionally commit aux files/state with it."""
         record = self._write_shard(f"{name}.safetensors", tensors, metadata)
         self.manifest["units"][name] = record.to_json()
-        if aux:
-            self.manifest["aux"].update({key: rec.to_json() for key, rec in aux.items()})
-        if state:
-            self.manifest["state"].update(state)
-        self._commit()
+        self.commit_aux(aux or {}, state)
 
     def write_aux(self, name: str, tensors: dict, metadata: dict | None = None) -> FileRecord:
         """Write an auxiliary shard; it is committed by the next `write_unit`/`commit_aux` call."""
         return self._write_shard(f"{name}.safetensors", tensors, metadata)
 
-    def commit_aux(self, aux: dict[str, FileRecord], drop: tuple[str, ...] = (), state: dict | None = None) -> None:
-        for key in drop:
-            record = self.manifest["aux"].pop(key, None)
-            if record and record["file"] not in {r.file for r in aux.values()}:
-                (self.path / record["file"]).unlink(missing_ok=True)
+    def commit_aux(self, aux: dict[str, FileRecord], state: dict | None = None) -> None:
+        """Record written aux shards (and state) in the manifest, and commit it."""
         self.manifest["aux"].update({key: rec.to_json() for key, rec in aux.items()})
         if state:
             self.manifest["state"].update(state)
@@ -251,6 +244,11 @@ class StageDir:
             warn(f"{self.stage}: {len(bad)} shard(s) failed verification and will be redone: {', '.join(bad[:5])}")
             self.manifest["complete"] = False
             self._commit()
+
+
+def layer_unit(index: int) -> str:
+    """The unit name of decoder layer `index`, shared by every per-layer stage and its readers."""
+    return f"layer_{index:03d}"
 
 
 def read_manifest(path: Path) -> dict:

@@ -19,6 +19,7 @@ from kbvq_cli.activations import commit_layer, resume_activations
 from kbvq_cli.console import progress_bar
 from kbvq_cli.corrected_experts import CorrectedExperts, corrected_linear, fold
 from kbvq_cli.experts import PROJECTIONS, SHARED, LayerExperts, layer_experts
+from kbvq_cli.stage_dir import layer_unit
 from kbvq_cli.streaming import LayerStreamer, module_at
 from stages.bcos.core import bcos_correction, input_moments
 from stages.bcos.stage import STORE_DTYPE, expert_input_moments, quantized_layer
@@ -140,6 +141,6 @@ def run_propagated(stage_dir, source, calibration, klt, codes, settings, device)
                 install_corrections(layer, source.adapter, experts, quantized, tensors)
             last = index + 1 == source.num_layers
             hidden = hidden if last else run_stream(streamer, layer, index, hidden, batch_size, device)
-            unit = None if tensors is None else (f"layer_{index:03d}", tensors, {"layer": index, **metadata})
+            unit = None if tensors is None else (layer_unit(index), tensors, {"layer": index, **metadata})
             commit_layer(stage_dir, index, unit, None if last else hidden, {})
             progress.advance(task)

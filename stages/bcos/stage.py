@@ -22,6 +22,7 @@ from kbvq_cli.experts import PROJECTIONS, SHARED, LayerExperts, layer_experts
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.recipe import ResolvedStage
 from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
+from kbvq_cli.stage_dir import layer_unit
 from kbvq_cli.streaming import pick_device
 from stages.bcos.core import InputMoments, bcos_correction, input_moments
 from stages.calibrate.reader import Calibration, CalibrationLayer
@@ -52,7 +53,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     with progress_bar() as progress:
         task = progress.add_task("bcos layers", total=len(layers))
         for index in layers:
-            name = f"layer_{index:03d}"
+            name = layer_unit(index)
             if not stage_dir.has_unit(name):
                 experts = layer_experts(source, index, torch.float32, device)
                 quantized = quantized_layer(experts, klt, codes, index, device)
@@ -113,7 +114,7 @@ def correct_layer(experts: LayerExperts, quantized: dict, stats: CalibrationLaye
 
 
 def _finish(stage_dir, layers: list[int], seconds: float) -> dict:
-    metas = [stage_dir.read_metadata(f"layer_{i:03d}") for i in layers]
+    metas = [stage_dir.read_metadata(layer_unit(i)) for i in layers]
     before = [m["error_before"] for m in metas if m["error_before"] is not None]
     after = [m["error_after"] for m in metas if m["error_after"] is not None]
     starved = {str(i): m["starved"] for i, m in zip(layers, metas) if m["starved"]}

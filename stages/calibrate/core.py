@@ -60,10 +60,3 @@ def expert_intermediate(x: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch
     """The `down` input of one expert: act(gate x) * (up x). x [T, H], gate_up [2I, H] -> [T, I]."""
     gate, up = (x @ gate_up.T).chunk(2, dim=-1)
     return act_fn(gate) * up
-
-
-def covariance_from_sums(sum_x: torch.Tensor, sum_xxT: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean [D] and covariance [D, D] (population, float64) from running sums."""
-    n = max(int(count), 1)
-    mean = sum_x.double() / n
-    return mean, sum_xxT.double() / n - torch.outer(mean, mean)

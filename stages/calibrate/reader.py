@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from kbvq_cli.errors import KbvqError
-from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.stage_dir import StageDir, layer_unit
 
 BLOCK = "block"
 
@@ -79,7 +79,7 @@ class Calibration:
         return len(self.stage_dir.unit_names())
 
     def layer(self, index: int, device: str = "cpu") -> CalibrationLayer:
-        name = f"layer_{index:03d}"
+        name = layer_unit(index)
         return CalibrationLayer(index, self.stage_dir.read_unit(name, device), self.stage_dir.read_metadata(name))
 
     def tokens(self) -> torch.Tensor:

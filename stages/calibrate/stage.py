@@ -19,16 +19,12 @@ from kbvq_cli.data import data_fingerprint, load_documents, sample_sequences
 from kbvq_cli.hashing import sha256_bytes
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.recipe import ResolvedStage
-from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.stage_dir import StageDir, layer_unit
 from kbvq_cli.streaming import LayerStreamer, pick_device
 from kbvq_cli.stage_common import hashed_settings, open_stage
 from stages.calibrate.collector import LayerStatsCollector
 
 STAGE = "calibrate"
-
-
-def _layer_name(index: int) -> str:
-    return f"layer_{index:03d}"
 
 
 def _calibration_tokens(source: ModelSource, settings) -> torch.Tensor:
@@ -81,7 +77,7 @@ def _calibrate_layers(stage_dir, source, settings, tokens, device) -> dict:
             if starved_here:
                 starved[str(index)] = starved_here
             stats = collector.release_tensors(dtype)
-            unit = (_layer_name(index), stats, {"layer": index, **collector.metadata()})
+            unit = (layer_unit(index), stats, {"layer": index, **collector.metadata()})
             last = index + 1 == source.num_layers  # the last layer's output is not needed by anything
             commit_layer(stage_dir, index, unit, None if last else hidden, {"starved": starved})
             del layer, collector

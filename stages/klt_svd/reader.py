@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from kbvq_cli.experts import SHARED
-from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.stage_dir import StageDir, layer_unit
 from stages.klt_svd.core import shared_part
 
 
@@ -52,5 +52,5 @@ class KltSvd:
         return [int(name.split("_")[1]) for name in self.stage_dir.unit_names()]
 
     def layer(self, index: int, device: str = "cpu") -> SharedParts:
-        name = f"layer_{index:03d}"
+        name = layer_unit(index)
         return SharedParts(self.stage_dir.read_unit(name, device), self.stage_dir.read_metadata(name))

@@ -21,6 +21,7 @@ from kbvq_cli.experts import SHARED, LayerExperts, layer_experts
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.recipe import ResolvedStage
 from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
+from kbvq_cli.stage_dir import layer_unit
 from kbvq_cli.streaming import pick_device
 from stages.calibrate.reader import Calibration, CalibrationLayer
 from stages.klt_svd.core import damped_klt, decompose, select_rank
@@ -39,12 +40,12 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     if stage_dir.complete:
         info(f"klt-svd: already complete in {stage_dir.path}")
         return stage_dir.manifest["summary"]
-    moe_layers = [i for i in range(source.num_layers) if calibration.stage_dir.read_metadata(f"layer_{i:03d}")["moe"]]
+    moe_layers = [i for i in range(source.num_layers) if calibration.stage_dir.read_metadata(layer_unit(i))["moe"]]
     started, captured = time.time(), []
     with progress_bar() as progress:
         task = progress.add_task("klt-svd layers", total=len(moe_layers))
         for index in moe_layers:
-            name = f"layer_{index:03d}"
+            name = layer_unit(index)
             if not stage_dir.has_unit(name):
                 experts = layer_experts(source, index, torch.float32, device)
                 tensors, metadata = decompose_layer(experts, calibration.layer(index, device), settings)

@@ -17,6 +17,7 @@ from kbvq_cli.experts import PROJECTIONS, SHARED, layer_experts
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.recipe import ResolvedStage
 from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
+from kbvq_cli.stage_dir import layer_unit
 from kbvq_cli.streaming import pick_device
 from stages.calibrate.reader import Calibration
 from stages.klt_svd.core import output_error
@@ -30,7 +31,7 @@ CODEBOOK_DTYPE = torch.float16
 
 
 def unit_name(layer: int, expert) -> str:
-    return f"layer_{layer:03d}.{SHARED}" if expert == SHARED else f"layer_{layer:03d}.expert_{expert:03d}"
+    return f"{layer_unit(layer)}.{SHARED}" if expert == SHARED else f"{layer_unit(layer)}.expert_{expert:03d}"
 
 
 def run(resolved: ResolvedStage, restart: bool = False) -> dict:
