@@ -126,17 +126,67 @@ def bcos(
 
 
 @app.command()
-def pack(run: RunOption = None, recipe: RecipeOption = None) -> None:
-    """Write a compact, loadable quantized model directory (not in this version yet)."""
+def pack(
+    run: RunOption = None,
+    recipe: RecipeOption = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Also copy the packed model to this directory.")] = None,
+    dense: Annotated[bool, typer.Option("--dense", help="Export a plain dense checkpoint of the original "
+                                        "architecture instead (default RUN/dense, or --out).")] = False,
+    unquantized_dtype: Annotated[Optional[str], typer.Option(
+        "--unquantized-dtype", help="original, float16 or bfloat16: how weights left unquantized are stored.")] = None,
+    restart: RestartOption = False,
+) -> None:
+    """Write a compact, loadable quantized model directory (RUN/pack) and report its bits per weight."""
     with user_errors():
-        raise KbvqError("`kbvq pack` is not available in this version yet; the stages up to bcos are")
+        from kbvq_cli.recipe import resolve_stage
+
+        resolved = resolve_stage("pack", run=run, recipe_path=recipe, model=None,
+                                 overrides=dict(unquantized_dtype=unquantized_dtype))
+        if dense:
+            from stages.pack.dense import export_dense
+
+            export_dense(resolved, out)
+            return
+        from stages.pack.stage import run as run_pack
+
+        run_pack(resolved, restart=restart, out=out)
 
 
 @app.command("eval")
-def evaluate(run: RunOption = None, recipe: RecipeOption = None) -> None:
-    """Perplexity and zero-shot accuracy of the original or the quantized model (not in this version yet)."""
+def evaluate(
+    run: RunOption = None,
+    recipe: RecipeOption = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Evaluate this model directory (original or packed) instead of RUN/pack.")] = None,
+    ppl_data: Annotated[Optional[str], typer.Option(
+        "--ppl-data", help="Perplexity text: dataset id[:config][@split] or a local file (default WikiText-2 test); none skips.")] = None,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Perplexity window (default 4096).")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Score only the first N tokens.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(
+        "--tasks", help="Comma-separated lm-eval tasks (default the paper's seven), or none.")] = None,
+    task_dir: Annotated[Optional[str], typer.Option("--task-dir", help="Directory of extra lm-eval task YAMLs.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="At most N documents per task (quick checks).")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples (paper: 0).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="lm-eval batch size.")] = None,
+    device: DeviceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object on the last line.")] = False,
+    restart: RestartOption = False,
+) -> None:
+    """Perplexity (METHOD.md §6) and zero-shot accuracy (lm-eval) of RUN/pack or of --model DIR."""
     with user_errors():
-        raise KbvqError("`kbvq eval` is not available in this version yet; the stages up to bcos are")
+        from pathlib import Path
+
+        from kbvq_cli.recipe import model_short_name, resolve_stage
+        from stages.eval.stage import run as run_eval
+
+        if run is None and recipe is None and model is None:
+            raise KbvqError("`kbvq eval` needs --run RUN (its packed model) or --model DIR")
+        if run is None and recipe is None:
+            run = str(Path("runs") / f"eval-{model_short_name(model)}")
+        overrides = dict(ppl_data=ppl_data, seqlen=seqlen, max_tokens=max_tokens, tasks=tasks, task_dir=task_dir,
+                         limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, device=device)
+        resolved = resolve_stage("eval", run=run, recipe_path=recipe, model=None, overrides=overrides)
+        run_eval(resolved, restart=restart, model_dir=model, as_json=as_json)
 
 
 @app.command("run")

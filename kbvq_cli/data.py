@@ -68,7 +68,8 @@ def _read_local(file: Path, text_field: str) -> list[str]:
     return [str(value) for value in table.column(text_field).to_pylist()]
 
 
-def load_documents(spec: str, text_field: str = "text", default_split: str = "train") -> list[str]:
+def load_documents(spec: str, text_field: str = "text", default_split: str = "train",
+                   option: str = "--data") -> list[str]:
     """All documents of a data spec, in a fixed order."""
     files = local_files(spec)
     if files is not None:
@@ -81,7 +82,7 @@ def load_documents(spec: str, text_field: str = "text", default_split: str = "tr
     except Exception as error:  # datasets raises many types; all mean "could not load"
         reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
         raise KbvqError(f"could not load dataset {spec!r} ({reason}); pass a local .txt/.jsonl/.parquet "
-                        f"file or directory with --data") from None
+                        f"file or directory with {option}") from None
     if text_field not in dataset.column_names:
         raise KbvqError(f"dataset {spec} has no column {text_field!r}; columns: {', '.join(dataset.column_names)}")
     return [str(text) for text in dataset[text_field]]

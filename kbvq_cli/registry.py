@@ -35,6 +35,8 @@ STAGES: dict[str, StageEntry] = {
         StageEntry("klt-svd", "stages.klt_svd.config:KltSvdSettings", "stages.klt_svd.stage:run", ("calibrate",)),
         StageEntry("vq", "stages.vq.config:VqSettings", "stages.vq.stage:run", ("klt-svd",)),
         StageEntry("bcos", "stages.bcos.config:BcosSettings", "stages.bcos.stage:run", ("calibrate", "vq")),
+        StageEntry("pack", "stages.pack.config:PackSettings", "stages.pack.stage:run", ("klt-svd", "vq", "bcos")),
+        StageEntry("eval", "stages.eval.config:EvalSettings", "stages.eval.stage:run", ("pack",)),
     )
 }
 

@@ -4,6 +4,7 @@ Needs `testbed-mini/` (`make testbed-mini`, about a minute). CI builds it first;
 is skipped with that instruction when it is absent.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def run_recipe(tmp_path: Path, name: str, **stage_overrides) -> Path:
     recipe = yaml.safe_load((ROOT / "recipes" / "testbed-mini-w2.yaml").read_text())
     recipe["model"] = str(TESTBED)
     recipe["calibrate"]["data"] = str(TESTBED / "calib.txt")
+    recipe["eval"]["ppl_data"] = str(TESTBED / "test.txt")
     for stage, settings in stage_overrides.items():
         recipe[stage.replace("_", "-")].update(settings)
     path = tmp_path / f"{name}.yaml"
@@ -40,6 +42,9 @@ def test_kbvq_on_the_trained_test_bed(tmp_path):
     assert 0 < summary["klt-svd"]["mean_rho_k"] < 1
     assert summary["vq"]["mean_relative_output_error"] < summary["vq"]["mean_relative_output_error_shared_part_only"]
     assert summary["bcos"]["mean_relative_output_error_after"] < summary["bcos"]["mean_relative_output_error_before"]
+    results = json.loads((kbvq / "eval" / "results.json").read_text())["entries"]
+    (entry,) = results.values()
+    assert entry["ppl"] > 1 and entry["tokens_scored"] > 30000
     plain = run_recipe(tmp_path, "plain", klt_svd={"rank": 0}, bcos={"mode": "none"})
     inputs = held_out_block_inputs(TESTBED, TESTBED / "val.txt")
     assert output_error(kbvq, TESTBED, inputs) < output_error(plain, TESTBED, inputs)

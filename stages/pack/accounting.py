@@ -4,7 +4,7 @@ Per layer and projection, `n` experts of `oc x ic`, shared rank `k`, `b` bits, v
     bits = 16 k (ic + n oc)            shared basis + expert coefficients (16-bit)
          + n oc ic b                   indices (b*d bits per d weights)
          + n 2^(b d) d 16              codebooks (16-bit)
-         + n 2 oc 16                   BCOS scale and shift (16-bit)
+         + n 2 oc 16                   BCOS scale and shift (16-bit; absent without BCOS)
 over `n oc ic` weights.
 """
 
@@ -30,11 +30,14 @@ class ProjectionBits:
         return self.total / self.weights
 
 
-def projection_bits(n: int, oc: int, ic: int, rank: int, bits: int, dim: int) -> ProjectionBits:
+def projection_bits(n: int, oc: int, ic: int, rank: int, bits: int, dim: int,
+                    corrected: bool = True, with_basis: bool = True) -> ProjectionBits:
+    """`with_basis=False` for matrices whose coefficients use another group's basis (a shared expert
+    of another size stacked with the routed experts): only their `16 k n oc` coefficient bits count."""
     return ProjectionBits(
-        shared=16 * rank * (ic + n * oc),
+        shared=16 * rank * ((ic if with_basis else 0) + n * oc),
         indices=n * oc * ic * bits,
         codebooks=n * (2 ** (bits * dim)) * dim * 16,
-        corrections=n * 2 * oc * 16,
+        corrections=n * 2 * oc * 16 if corrected else 0,
         weights=n * oc * ic,
     )

@@ -1,0 +1,154 @@
+"""Load a packed kbvq model (`kbvq pack`) as a transformers model of its original class.
+
+    from kbvq_cli import load_quantized
+    model = load_quantized("runs/qwen15-moe-w2/pack", device="cuda")
+    model.generate(...)
+
+The model is built on the meta device from `config.json`; every unquantized tensor is assigned from
+the shards, and each MoE layer's routed experts (and shared expert's linears) are replaced by
+`kbvq_cli.vq_modules` modules that compute the projections from their quantized parts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kbvq_cli.errors import KbvqError
+from kbvq_cli.experts import PROJECTIONS
+from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.vq_modules import VqExperts, VqLinear, VqProjection
+
+PACK_STAGE = "pack"
+
+
+def pack_directory(path: str | Path) -> StageDir:
+    """A finished pack directory given itself or the run directory holding it (hash-checked on read)."""
+    path = Path(path)
+    if not (path / "manifest.json").exists() and (path / PACK_STAGE / "manifest.json").exists():
+        path = path / PACK_STAGE
+    if not (path / "manifest.json").exists():
+        raise KbvqError(f"{path} is not a packed kbvq model; run `kbvq pack --run RUN` and pass RUN/pack")
+    stage_dir = StageDir.open_finished(path.parent, path.name)
+    if stage_dir.stage != PACK_STAGE:
+        raise KbvqError(f"{path} holds the {stage_dir.stage} stage, not a packed model; pass RUN/pack")
+    return stage_dir
+
+
+def build_projection(tensors: dict, prefix: str, shape, side: str, width: int, dtype, basis=None) -> VqProjection:
+    """One projection's module from a packed unit. Routed tensors carry an expert dim; a shared expert's
+    do not (they are given one). `basis` supplies the routed shared_basis to a stacked shared expert."""
+    from stages.pack.bitpack import unpack_indices
+
+    oc, ic = shape
+    codebook = tensors[prefix + "codebook"]
+    routed = codebook.dim() == 3
+    expand = (lambda t: t) if routed else (lambda t: None if t is None else t.unsqueeze(0))  # noqa: E731
+    codebook = expand(codebook)
+    packed = tensors[prefix + "indices"]
+    packed = packed if routed else packed.unsqueeze(0)
+    count = oc * ic // codebook.shape[-1]
+    indices = torch.stack([unpack_indices(row, width, count) for row in packed]).to(torch.int32)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    shared_basis = tensors.get(prefix + "shared_basis", basis)
+    coeffs = tensors.get(prefix + "expert_coeffs")
+    return VqProjection(indices.reshape(-1, oc, ic // codebook.shape[-1]), cast(codebook),
+                        cast(expand(tensors.get(prefix + "scale"))), cast(expand(tensors.get(prefix + "shift"))),
+                        cast(shared_basis if coeffs is not None else None), cast(expand(coeffs)), side)
+
+
+def layer_projections(tensors: dict, metadata: dict, adapter, index: int, dtype) -> tuple[dict, dict]:
+    """(routed {projection: VqProjection}, shared {projection: VqProjection}) of one packed MoE layer."""
+    from stages.pack.layout import routed_prefix, shared_prefix
+
+    width = metadata["bits"] * metadata["dim"]
+    parts, shapes = metadata["parts"], metadata["shapes"]
+    routed, shared = {}, {}
+    for projection in PROJECTIONS:
+        prefix = routed_prefix(adapter.layers_prefix, adapter.experts, index, projection)
+        side = parts.get(projection, {}).get("side", "input")
+        routed[projection] = build_projection(tensors, prefix, shapes[projection], side, width, dtype)
+        if metadata["shared_path"] is not None:
+            prefix = shared_prefix(adapter.layers_prefix, metadata["shared_path"], index, projection)
+            stacked = metadata["shared_stacked"].get(projection, False)
+            basis = tensors.get(routed_prefix(adapter.layers_prefix, adapter.experts, index, projection)
+                                + "shared_basis") if stacked else None
+            own_side = parts.get(f"shared.{projection}", {}).get("side", "input")
+            shared[projection] = build_projection(tensors, prefix, shapes[f"shared.{projection}"],
+                                                  side if stacked else own_side, width, dtype, basis)
+    return routed, shared
+
+
+def _install_layer(model, adapter, index: int, tensors: dict, metadata: dict, dtype) -> None:
+    from kbvq_cli.streaming import module_at
+
+    layer = module_at(model, f"{adapter.layers_prefix}.{index}")
+    routed, shared = layer_projections(tensors, metadata, adapter, index, dtype)
+    experts_parent, _, experts_name = adapter.experts.rpartition(".")
+    original = module_at(layer, adapter.experts)
+    replacement = VqExperts(routed["gate"], routed["up"], routed["down"], original.act_fn,
+                            routed["gate"].indices.shape[0])
+    setattr(module_at(layer, experts_parent), experts_name, replacement)
+    if shared:
+        shared_module = module_at(layer, metadata["shared_path"])
+        for projection, module in shared.items():
+            oc, ic = metadata["shapes"][f"shared.{projection}"]
+            setattr(shared_module, f"{projection}_proj", VqLinear(module, ic, oc))
+
+
+def _materialise_rotary(model, config) -> None:
+    """Rotary embeddings hold non-persistent buffers that are not in any checkpoint: rebuild them."""
+    from kbvq_cli.streaming import module_at
+
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
+            parent, _, child = name.rpartition(".")
+            setattr(module_at(model, parent) if parent else model, child, type(module)(config=config))
+
+
+def _dtype(config, dtype):
+    if dtype is not None:
+        return dtype
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """A packed model as a transformers model of its original class, in eval mode on `device`.
+
+    `dtype` is the compute dtype of the whole model (default: the original checkpoint's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kbvq_cli.adapters import adapter_for
+
+    stage_dir = pack_directory(path)
+    config = AutoConfig.from_pretrained(str(stage_dir.path))
+    quantization = getattr(config, "quantization_config", None) or {}
+    if quantization.get("quant_method") != "kbvq":
+        raise KbvqError(f"{stage_dir.path}/config.json has no kbvq quantization_config; repack with `kbvq pack`")
+    del config.quantization_config
+    adapter, dtype = adapter_for(config.model_type), _dtype(config, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {}
+    for unit in stage_dir.unit_names():
+        tensors, metadata = stage_dir.read_unit(unit), stage_dir.read_metadata(unit)
+        if metadata.get("moe"):
+            _install_layer(model, adapter, metadata["layer"], tensors, metadata, dtype)
+        from stages.pack.storage import category
+
+        state.update({name: value.to(dtype) if value.is_floating_point() else value
+                      for name, value in tensors.items() if category(name) == "unquantized"})
+    model.load_state_dict(state, strict=False, assign=True)
+    _materialise_rotary(model, config)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise KbvqError(f"the packed model in {stage_dir.path} lacks {missing[0]} (and {len(missing) - 1} more); "
+                        f"repack it with `kbvq pack --restart`")
+    model.kbvq_quantization_config = quantization  # not on model.config: transformers would look for a quantizer
+    return model.eval().to(device)

@@ -1,0 +1,136 @@
+"""`kbvq eval`: perplexity and zero-shot accuracy of a packed model or of an original checkpoint.
+
+One code path for both (the FP16 row and the quantized rows differ only in how the model is loaded).
+Results accumulate in `RUN/eval/results.json`, one entry per (model identity, measurement, settings):
+a rerun with the same settings reuses them, a changed setting adds a new entry.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kbvq_cli.console import console, info, progress_bar
+from kbvq_cli.hashing import hash_json
+from kbvq_cli.recipe import ResolvedStage
+from stages.eval.results import ResultsFile, summary_of
+
+STAGE = "eval"
+
+
+def model_identity(path: Path, packed: bool) -> dict:
+    """What the results belong to: the pack's manifest hash, or the checkpoint's file hashes."""
+    if packed:
+        from kbvq_cli.quantized_model import pack_directory
+
+        return {"kind": "packed", "pack": pack_directory(path).manifest_hash()}
+    from kbvq_cli.model_files import ModelSource
+
+    return {"kind": "original", "fingerprint": hash_json(ModelSource(str(path)).fingerprint())}
+
+
+def is_packed(path: Path) -> bool:
+    import json
+
+    manifest = path / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text()).get("stage") == "pack"
+
+
+def target_path(resolved: ResolvedStage, model_dir: str | None) -> Path:
+    if model_dir is not None:
+        from kbvq_cli.model_files import resolve_model_path
+
+        return resolve_model_path(model_dir)
+    if resolved.settings.target == "original":
+        from kbvq_cli.model_files import resolve_model_path
+        from kbvq_cli.stage_common import require_model
+
+        return resolve_model_path(require_model(resolved))
+    return resolved.run_dir / "pack"
+
+
+def load_model(path: Path, packed: bool, device: str):
+    from kbvq_cli.model_files import ModelSource
+
+    if packed:
+        from kbvq_cli.quantized_model import load_quantized
+
+        model = load_quantized(path, device=device)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        ModelSource(str(path))  # refuses unknown architectures and broken configs with a one-line error
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").to(device).eval()
+    return model, _tokenizer(path)
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    from kbvq_cli.errors import KbvqError
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as error:  # transformers raises several types for a missing or broken tokenizer
+        raise KbvqError(f"cannot load the tokenizer of {path} ({type(error).__name__}); "
+                        f"the model directory needs its tokenizer files") from None
+
+
+def run(resolved: ResolvedStage, restart: bool = False, model_dir: str | None = None, as_json: bool = False) -> dict:
+    from kbvq_cli.streaming import pick_device
+
+    settings = resolved.settings
+    path = target_path(resolved, model_dir)
+    packed = is_packed(path) or (model_dir is None and settings.target == "packed")
+    identity = model_identity(path, packed)
+    results = ResultsFile(resolved.run_dir / STAGE / "results.json", restart)
+    todo = results.missing(identity, settings)
+    if todo:
+        device = pick_device(settings.device)
+        started = time.time()
+        model, tokenizer = load_model(path, packed, device)
+        _measure(results, identity, settings, todo, model, tokenizer, device)
+        info(f"eval: {path} in {time.time() - started:.1f}s")
+    else:
+        info(f"eval: reusing the results in {results.path} (same model and settings)")
+    summary = summary_of(results, identity, settings, str(path))
+    _show(summary, as_json)
+    return summary
+
+
+def _measure(results: "ResultsFile", identity: dict, settings, todo: dict, model, tokenizer, device) -> None:
+    if "ppl" in todo:
+        from kbvq_cli.data import load_documents
+        from stages.eval.perplexity import full_windows, perplexity, token_stream
+
+        ids = token_stream(load_documents(settings.ppl_data, settings.text_field, "test", "--ppl-data"),
+                           tokenizer, settings.max_tokens)
+        with progress_bar() as progress:
+            task = progress.add_task("perplexity windows", total=full_windows(ids, settings.seqlen).shape[0])
+            measured = perplexity(model, ids, settings.seqlen, device, lambda: progress.advance(task))
+        results.record(todo["ppl"], {"measure": "ppl", "model": identity, **measured.to_json()})
+    tasks = [task for task in settings.task_list if task in todo]
+    if tasks:
+        from stages.eval.zero_shot import zero_shot
+
+        for task, entry in zero_shot(model, tokenizer, tasks, settings, device).items():
+            results.record(todo[task], {"measure": "task", "task": task, "model": identity, **entry})
+
+
+def _show(summary: dict, as_json: bool) -> None:
+    import json
+
+    from rich.table import Table
+
+    table = Table(title=f"eval {summary['model']}", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    if summary["ppl"] is not None:
+        table.add_row(f"perplexity ({summary['ppl_data']}, seqlen {summary['seqlen']})", f"{summary['ppl']:.4f}")
+    for task, metrics in summary["tasks"].items():
+        table.add_row(f"{task} acc", "—" if metrics.get("acc") is None else f"{100 * metrics['acc']:.2f}")
+    if summary["avg_acc"] is not None:
+        table.add_row("average acc", f"{100 * summary['avg_acc']:.2f}")
+    console.print(table)
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))

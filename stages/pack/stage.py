@@ -1,0 +1,184 @@
+"""`kbvq pack`: write the quantized model as a compact, self-describing, loadable directory.
+
+Reads klt-svd (shared basis, coefficients), vq (codebooks, indices) and bcos (scale, shift), bit-packs
+the indices at `b*d` bits, copies every weight the recipe does not quantize, and records the storage:
+measured bytes per part beside the METHOD.md §5 formula. The layout is in `stages.pack.layout`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from kbvq_cli.console import info, progress_bar
+from kbvq_cli.experts import PROJECTIONS, SHARED
+from kbvq_cli.model_files import ModelSource
+from kbvq_cli.recipe import ResolvedStage
+from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
+from kbvq_cli.stage_dir import StageDir, layer_unit
+from stages.klt_svd.reader import KltSvd
+from stages.pack.bitpack import pack_indices
+from stages.pack.layout import FORMAT, FORMAT_VERSION, REST_UNIT, routed_prefix, shared_prefix
+from stages.pack.storage import StorageTally, finish_storage, moe_layer_storage, print_storage
+from stages.vq.reader import VqCodes
+
+STAGE = "pack"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "generation_config.json", "chat_template.jinja")
+
+
+def run(resolved: ResolvedStage, restart: bool = False, out: str | None = None) -> dict:
+    settings = resolved.settings
+    klt, codes = KltSvd(resolved.run_dir), VqCodes(resolved.run_dir)
+    bcos = StageDir.open_finished(resolved.run_dir, "bcos")
+    source = ModelSource(require_model(resolved))
+    upstream = upstream_inputs({"klt-svd": klt.stage_dir, "vq": codes.stage_dir, "bcos": bcos})
+    stage_dir = open_stage(resolved, STAGE, hashed_settings(settings),
+                           {"upstream": upstream, "model": source.fingerprint()}, restart)
+    if not stage_dir.complete:
+        _pack_all(stage_dir, source, klt, codes, bcos, settings)
+    summary = stage_dir.manifest["summary"]
+    print_storage(summary["storage"], stage_dir.path)
+    if out:
+        export(stage_dir.path, Path(out))
+    return summary
+
+
+def _pack_all(stage_dir: StageDir, source: ModelSource, klt: KltSvd, codes: VqCodes, bcos: StageDir,
+              settings) -> None:
+    started = time.time()
+    vq_config, mode = codes.stage_dir.manifest["config"], bcos.manifest["config"]["mode"]
+    quantized_layers = set(klt.layers())
+    with progress_bar() as progress:
+        task = progress.add_task("pack layers", total=source.num_layers + 1)
+        for index in range(source.num_layers):
+            name = layer_unit(index)
+            if not stage_dir.has_unit(name):
+                progress.update(task, description=f"pack layer {index}")
+                state = source.layer_state_dict(index)
+                if index in quantized_layers:
+                    tensors, metadata = pack_moe_layer(source, state, klt, codes, bcos, index, vq_config, mode)
+                else:
+                    tensors, metadata = {}, {"moe": False}
+                tensors.update(_unquantized(source, state, index, quantized=index in quantized_layers,
+                                            dtype=settings.unquantized_dtype))
+                metadata["storage"] = moe_layer_storage(tensors, metadata, vq_config, mode != "none")
+                stage_dir.write_unit(name, tensors, {"layer": index, **metadata})
+            progress.advance(task)
+        if not stage_dir.has_unit(REST_UNIT):
+            tensors = {name: _convert(source.tensor(name), settings.unquantized_dtype)
+                       for name in source.weight_map if not name.startswith(source.adapter.layers_prefix + ".")}
+            source.release()
+            stage_dir.write_unit(REST_UNIT, tensors, {"storage": moe_layer_storage(tensors, {}, vq_config, False)})
+        progress.advance(task)
+    _write_side_files(stage_dir.path, source, vq_config, mode, klt)
+    tally = StorageTally.from_units(stage_dir)
+    stage_dir.finish({"seconds": round(time.time() - started, 3),
+                      "storage": finish_storage(tally, stage_dir.path, source)})
+
+
+def _convert(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    return tensor.to(DTYPES[dtype]) if dtype in DTYPES and tensor.is_floating_point() else tensor
+
+
+def _unquantized(source: ModelSource, state: dict, index: int, quantized: bool, dtype: str) -> dict:
+    """The layer's tensors that stay as they are, under their full in-memory names."""
+    adapter, prefix = source.adapter, f"{source.adapter.layers_prefix}.{index}."
+    skip = set()
+    if quantized:
+        skip = {f"{adapter.experts}.gate_up_proj", f"{adapter.experts}.down_proj"}
+        skip |= {f"{path}.{p}_proj.weight" for path in adapter.shared_experts for p in PROJECTIONS}
+    return {prefix + name: _convert(tensor, dtype) for name, tensor in state.items() if name not in skip}
+
+
+def _shared_path(source: ModelSource, state: dict) -> str | None:
+    return next((p for p in source.adapter.shared_experts if f"{p}.gate_proj.weight" in state), None)
+
+
+def pack_moe_layer(source: ModelSource, state: dict, klt: KltSvd, codes: VqCodes, bcos: StageDir, index: int,
+                   vq_config: dict, mode: str) -> tuple[dict, dict]:
+    """The quantized expert tensors of one MoE layer (layout in stages.pack.layout) and their metadata."""
+    adapter, bits, dim = source.adapter, vq_config["bits"], vq_config["dim"]
+    width = bits * dim
+    parts = klt.layer(index)
+    corrections = bcos.read_unit(layer_unit(index)) if mode != "none" else {}
+    shared_path = _shared_path(source, state)
+    gate_up = state[f"{adapter.experts}.gate_up_proj"]
+    half = gate_up.shape[1] // 2
+    shapes = {"gate": [half, gate_up.shape[2]], "up": [half, gate_up.shape[2]],
+              "down": list(state[f"{adapter.experts}.down_proj"].shape[1:])}
+    units = {e: codes.expert(index, e) for e in range(source.num_experts)}
+    tensors = {}
+    for projection in PROJECTIONS:
+        prefix = routed_prefix(adapter.layers_prefix, adapter.experts, index, projection)
+        tensors[prefix + "indices"] = torch.stack([pack_indices(units[e][f"{projection}.indices"], width)
+                                                   for e in sorted(units)])
+        tensors[prefix + "codebook"] = torch.stack([units[e][f"{projection}.codebook"] for e in sorted(units)])
+        if corrections:
+            tensors[prefix + "scale"] = corrections[f"{projection}.scale"]
+            tensors[prefix + "shift"] = corrections[f"{projection}.shift"]
+        if projection in parts.parts:
+            tensors[prefix + "shared_basis"] = parts.tensors[f"{projection}.shared_basis"]
+            tensors[prefix + "expert_coeffs"] = parts.tensors[f"{projection}.expert_coeffs"]
+    stacked = {}
+    if shared_path is not None:
+        shared_unit = codes.expert(index, SHARED)
+        for projection in PROJECTIONS:
+            weight = state[f"{shared_path}.{projection}_proj.weight"]
+            shapes[f"shared.{projection}"] = list(weight.shape)
+            prefix = shared_prefix(adapter.layers_prefix, shared_path, index, projection)
+            tensors[prefix + "indices"] = pack_indices(shared_unit[f"{projection}.indices"], width)
+            tensors[prefix + "codebook"] = shared_unit[f"{projection}.codebook"]
+            if corrections:
+                tensors[prefix + "scale"] = corrections[f"{SHARED}.{projection}.scale"]
+                tensors[prefix + "shift"] = corrections[f"{SHARED}.{projection}.shift"]
+            stacked[projection] = f"{projection}.shared_expert_coeffs" in parts.tensors
+            if stacked[projection]:
+                tensors[prefix + "expert_coeffs"] = parts.tensors[f"{projection}.shared_expert_coeffs"]
+            elif f"{SHARED}.{projection}" in parts.parts:
+                tensors[prefix + "shared_basis"] = parts.tensors[f"{SHARED}.{projection}.shared_basis"]
+                tensors[prefix + "expert_coeffs"] = parts.tensors[f"{SHARED}.{projection}.expert_coeffs"][0]
+    part_meta = {name: {"side": p["side"], "rank": p["rank"]} for name, p in parts.parts.items()}
+    return tensors, {"moe": True, "bits": bits, "dim": dim, "shapes": shapes, "parts": part_meta,
+                     "shared_path": shared_path, "shared_stacked": stacked, "corrected": bool(corrections)}
+
+
+def quantization_config(source: ModelSource, vq_config: dict, mode: str, klt: KltSvd) -> dict:
+    klt_config = klt.stage_dir.manifest["config"]
+    modules = [source.adapter.experts, *source.adapter.shared_experts]
+    return {"quant_method": FORMAT, "format_version": FORMAT_VERSION, "bits": vq_config["bits"],
+            "vector_length": vq_config["dim"], "codebook_size": 2 ** (vq_config["bits"] * vq_config["dim"]),
+            "index_bits": vq_config["bits"] * vq_config["dim"],
+            "rank": {key: klt_config.get(key) for key in ("rank_ratio", "rank", "energy")},
+            "klt": klt_config.get("klt"), "down": klt_config.get("down"), "bcos": mode,
+            "modules": modules, "layers": klt.layers(), "store_dtype": "float16"}
+
+
+def _write_side_files(path: Path, source: ModelSource, vq_config: dict, mode: str, klt: KltSvd) -> None:
+    """config.json with the quantization_config, and the tokenizer and generation files, copied."""
+    from kbvq_cli.atomic import atomic_write_json
+
+    config = json.loads((source.path / "config.json").read_text())
+    config["quantization_config"] = quantization_config(source, vq_config, mode, klt)
+    atomic_write_json(path / "config.json", config)
+    for name in TOKENIZER_FILES:
+        if (source.path / name).exists():
+            shutil.copyfile(source.path / name, path / name)
+
+
+def export(pack_dir: Path, out: Path) -> None:
+    """Copy a finished pack directory to `out` (a staging directory renamed into place)."""
+    if out.resolve() == pack_dir.resolve():
+        return
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(pack_dir, staging)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    info(f"pack: copied to {out}")
