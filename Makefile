@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KBVQ   := $(VENV)/bin/kbvq
 
-.PHONY: install demo test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages clean
+.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode clean
 
 install: $(VENV)/.installed
 
@@ -29,10 +29,23 @@ testbed: install
 testbed-mini: install
 	$(KBVQ) testbed --out testbed-mini --variant mini
 
+# Table 1 of the paper on the mini test-bed: FP16, RTN, GPTQ, VQ and KBVQ at 2 and 3 bits.
 demo: install testbed-mini
-	$(KBVQ) run --recipe recipes/testbed-mini-w2.yaml
+	$(KBVQ) table 1 --model testbed-mini
 
-bench: bench-calibrate bench-vq bench-stages
+# make table1 MODEL=qwen15-moe (table2, table3, table4, table7, table8, table14, table15): run every
+# recipe the table needs (recipes/MODEL/), resuming whatever is done, and print it beside the paper.
+MODEL ?= testbed
+TABLES := 1 2 3 4 7 8 14 15
+$(addprefix table,$(TABLES)): table%: install
+	$(KBVQ) table $* --model $(MODEL) --markdown runs/$(MODEL)/table$*.md
+
+# Every table on the trained test-bed, on the CPU (TESTBED_MODEL=testbed-mini for the quick one).
+TESTBED_MODEL ?= testbed
+testbed-tables: install $(TESTBED_MODEL)
+	for t in $(TABLES); do $(KBVQ) table $$t --model $(TESTBED_MODEL) --markdown runs/$(TESTBED_MODEL)/table$$t.md || exit 1; done
+
+bench: bench-calibrate bench-vq bench-stages bench-decode
 
 bench-calibrate: install
 	$(PY) benchmarks/bench_calibrate.py
@@ -42,6 +55,9 @@ bench-vq: install
 
 bench-stages: install
 	$(PY) benchmarks/bench_stages.py
+
+bench-decode: install testbed-mini
+	$(PY) benchmarks/bench_decode.py
 
 clean:
 	rm -rf runs .pytest_cache

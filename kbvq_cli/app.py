@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     help="KBVQ-MoE: compress Mixture-of-Experts models to 2-3 bits per weight, one resumable stage at a time.\n\n"
-    "Stages: calibrate -> klt-svd -> vq -> bcos -> pack -> eval. Each writes RUN/<stage>/ "
+    "Stages: calibrate -> klt-svd -> vq -> bcos -> pack -> eval (baselines: calibrate -> gptq -> pack -> eval). Each writes RUN/<stage>/ "
     "(safetensors shards + manifest.json); rerunning a stage resumes it.",
 )
 
@@ -126,6 +126,25 @@ def bcos(
 
 
 @app.command()
+def gptq(
+    run: RunOption = None,
+    recipe: RecipeOption = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="gptq (default) or rtn (round to nearest).")] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Bits per weight: 2, 3, 4 or 8 (default 2).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(
+        "--group-size", help="Input columns per scale and zero (default 128; 0 = per output channel).")] = None,
+    act_order: Annotated[Optional[bool], typer.Option(
+        "--act-order/--no-act-order", help="GPTQ: quantize columns by descending Hessian diagonal.")] = None,
+    damp: Annotated[Optional[float], typer.Option("--damp", help="Hessian damping, fraction of mean(diag H) (default 0.01).")] = None,
+    device: DeviceOption = None,
+    restart: RestartOption = False,
+) -> None:
+    """Baselines (Table 1): RTN or GPTQ scalar quantization of every expert matrix, from calibrate alone."""
+    overrides = dict(method=method, bits=bits, group_size=group_size, act_order=act_order, damp=damp, device=device)
+    run_stage("gptq", run=run, recipe=recipe, restart=restart, overrides=overrides)
+
+
+@app.command()
 def pack(
     run: RunOption = None,
     recipe: RecipeOption = None,
@@ -200,6 +219,24 @@ def run_all(
         from kbvq_cli.pipeline import run_recipe
 
         run_recipe(recipe, run, dry_run=dry_run)
+
+
+@app.command()
+def table(
+    number: Annotated[str, typer.Argument(help="Paper table: 1, 2, 3, 4, 7, 8, 14 or 15.")],
+    model: Annotated[str, typer.Option("--model", help="qwen15-moe, qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, "
+                                       "testbed or testbed-mini.")] = "testbed-mini",
+    run_missing: Annotated[bool, typer.Option("--run/--no-run", help="Run the recipes whose results are missing.")] = True,
+    markdown: Annotated[Optional[str], typer.Option("--markdown", help="Also write the table as markdown here.")] = None,
+) -> None:
+    """Rebuild a paper table: run its recipes (recipes/MODEL/*.yaml, resuming) and print ours beside the paper's."""
+    with user_errors():
+        from pathlib import Path
+
+        from kbvq_cli.tables import print_table, run_table
+
+        measured = run_table(number, model, run_missing=run_missing)
+        print_table(number, model, measured, Path(markdown) if markdown else None)
 
 
 @app.command()

@@ -1,29 +1,60 @@
-"""`kbvq run`: every stage of a recipe in order; finished stages are verified and skipped."""
+"""`kbvq run`: the stages of a recipe's method in order; finished stages are verified and skipped.
+
+A recipe naming `calibration: DIR` shares that run's calibrate stage (the expensive pass, one per
+model): calibrate runs (or resumes, or is found finished) in DIR, and `RUN/calibrate` is a symbolic
+link to it, so every later stage and command reads it as its own.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kbvq_cli.console import console, info
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.recipe import load_recipe, model_short_name, resolve_stage, validate_recipe
-from kbvq_cli.registry import STAGE_ORDER, STAGES
+from kbvq_cli.registry import METHODS, STAGES
 from kbvq_cli.settings import settings_dict
 
 
-def run_recipe(recipe_path: str, run: str | None, *, dry_run: bool = False) -> None:
+def run_dir_of(recipe, run: str | None) -> str:
+    return run or recipe.run or str(Path("runs") / model_short_name(recipe.model))
+
+
+def run_recipe(recipe_path: str, run: str | None, *, dry_run: bool = False) -> Path:
     recipe = load_recipe(Path(recipe_path))
     resolved = validate_recipe(recipe, f"recipe {recipe_path}")
     if recipe.model is None:
         raise KbvqError(f"recipe {recipe_path} names no model; add `model: ID_OR_DIR`")
-    run_dir = run or recipe.run or str(Path("runs") / model_short_name(recipe.model))
+    run_dir = run_dir_of(recipe, run)
+    stages = METHODS[recipe.method or "kbvq"]
     if dry_run:
-        console.print(f"recipe {recipe_path} is valid: model {recipe.model}, run {run_dir}")
-        for name in STAGE_ORDER:
+        console.print(f"recipe {recipe_path} is valid: model {recipe.model}, method {recipe.method or 'kbvq'}, "
+                      f"run {run_dir}" + (f", calibration from {recipe.calibration}" if recipe.calibration else ""))
+        for name in stages:
             settings = ", ".join(f"{k}={v}" for k, v in settings_dict(resolved[name]).items())
             console.print(f"  {name}: {settings}")
-        return
-    for name in STAGE_ORDER:
+        return Path(run_dir)
+    for name in stages:
         info(f"[bold]== {name}[/bold]")
+        if name == "calibrate" and recipe.calibration:
+            run_shared_calibration(recipe_path, recipe.calibration, Path(run_dir))
+            continue
         stage = resolve_stage(name, run=run_dir, recipe_path=recipe_path, model=None, overrides={})
         STAGES[name].runner_function()(stage, restart=False)
+    return Path(run_dir)
+
+
+def run_shared_calibration(recipe_path: str, calibration: str, run_dir: Path) -> None:
+    """Calibrate (or resume, or verify) in the shared directory, and link RUN/calibrate to it."""
+    stage = resolve_stage("calibrate", run=calibration, recipe_path=recipe_path, model=None, overrides={})
+    STAGES["calibrate"].runner_function()(stage, restart=False)
+    target = (Path(calibration) / "calibrate").resolve()
+    link = run_dir / "calibrate"
+    if link.is_symlink() and link.resolve() == target:
+        return
+    if link.exists() or link.is_symlink():
+        raise KbvqError(f"{link} exists and is not a link to the shared calibration {target}; "
+                        f"remove it or use another --run directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, link, target_is_directory=True)

@@ -18,7 +18,7 @@ import torch
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.experts import PROJECTIONS
 from kbvq_cli.stage_dir import StageDir
-from kbvq_cli.vq_modules import VqExperts, VqLinear, VqProjection
+from kbvq_cli.vq_modules import ScalarProjection, VqExperts, VqLinear, VqProjection
 
 PACK_STAGE = "pack"
 
@@ -58,9 +58,33 @@ def build_projection(tensors: dict, prefix: str, shape, side: str, width: int, d
                         cast(shared_basis if coeffs is not None else None), cast(expand(coeffs)), side)
 
 
+def build_scalar_projection(tensors: dict, prefix: str, shape, bits: int, group_size: int, dtype) -> ScalarProjection:
+    """An RTN/GPTQ projection's module from a packed unit (routed: expert dim; shared: given one)."""
+    from stages.pack.bitpack import unpack_indices
+
+    oc, ic = shape
+    scale = tensors[prefix + "qscale"]
+    routed = scale.dim() == 3
+    expand = (lambda t: t) if routed else (lambda t: None if t is None else t.unsqueeze(0))  # noqa: E731
+    packed = tensors[prefix + "codes"]
+    packed = packed if routed else packed.unsqueeze(0)
+    codes = torch.stack([unpack_indices(row, bits, oc * ic) for row in packed]).to(torch.uint8).reshape(-1, oc, ic)
+    return ScalarProjection(codes, expand(scale), expand(tensors[prefix + "qzero"]), group_size,
+                            expand(tensors.get(prefix + "group_index")), dtype)
+
+
 def layer_projections(tensors: dict, metadata: dict, adapter, index: int, dtype) -> tuple[dict, dict]:
-    """(routed {projection: VqProjection}, shared {projection: VqProjection}) of one packed MoE layer."""
+    """(routed {projection: module}, shared {projection: module}) of one packed MoE layer."""
     from stages.pack.layout import routed_prefix, shared_prefix
+
+    if metadata.get("format") == "scalar":
+        build = lambda prefix, key: build_scalar_projection(  # noqa: E731
+            tensors, prefix, metadata["shapes"][key], metadata["bits"], metadata["group_size"], dtype)
+        routed = {p: build(routed_prefix(adapter.layers_prefix, adapter.experts, index, p), p) for p in PROJECTIONS}
+        shared = {} if metadata["shared_path"] is None else {
+            p: build(shared_prefix(adapter.layers_prefix, metadata["shared_path"], index, p), f"shared.{p}")
+            for p in PROJECTIONS}
+        return routed, shared
 
     width = metadata["bits"] * metadata["dim"]
     parts, shapes = metadata["parts"], metadata["shapes"]
@@ -87,8 +111,8 @@ def _install_layer(model, adapter, index: int, tensors: dict, metadata: dict, dt
     routed, shared = layer_projections(tensors, metadata, adapter, index, dtype)
     experts_parent, _, experts_name = adapter.experts.rpartition(".")
     original = module_at(layer, adapter.experts)
-    replacement = VqExperts(routed["gate"], routed["up"], routed["down"], original.act_fn,
-                            routed["gate"].indices.shape[0])
+    num_experts = len(routed["gate"].codes if hasattr(routed["gate"], "codes") else routed["gate"].indices)
+    replacement = VqExperts(routed["gate"], routed["up"], routed["down"], original.act_fn, num_experts)
     setattr(module_at(layer, experts_parent), experts_name, replacement)
     if shared:
         shared_module = module_at(layer, metadata["shared_path"])

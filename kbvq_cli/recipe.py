@@ -2,6 +2,8 @@
 
     model: ./testbed            # a local directory or a Hugging Face id
     run: runs/testbed-w2        # optional; default runs/<model name>
+    method: kbvq                # kbvq (default), gptq (RTN/GPTQ baselines) or fp16: which stages run
+    calibration: runs/testbed/calibration   # optional: share this run's calibrate stage (one per model)
     calibrate: {samples: 128, seqlen: 256}
     vq: {bits: 2}
 
@@ -17,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from kbvq_cli.errors import KbvqError
-from kbvq_cli.registry import STAGES
+from kbvq_cli.registry import METHODS, STAGES
 from kbvq_cli.settings import parse_settings, settings_dict
 
 RECIPE_FILE = "recipe.yaml"
-TOP_LEVEL_KEYS = ("model", "run", "description")
+TOP_LEVEL_KEYS = ("model", "run", "method", "calibration", "description")
 
 
 @dataclass
@@ -30,11 +32,17 @@ class Recipe:
     run: str | None = None
     description: str = ""
     stages: dict[str, dict] = field(default_factory=dict)
+    method: str | None = None  # None: kbvq
+    calibration: str | None = None
 
     def to_yaml_data(self) -> dict:
         data: dict[str, Any] = {"model": self.model}
         if self.run:
             data["run"] = self.run
+        if self.method:
+            data["method"] = self.method
+        if self.calibration:
+            data["calibration"] = self.calibration
         if self.description:
             data["description"] = self.description
         data.update({name: self.stages[name] for name in STAGES if name in self.stages})
@@ -72,11 +80,16 @@ def load_recipe(path: Path) -> Recipe:
             raise KbvqError(f"recipe {path}: '{name}' must be a mapping of settings")
         stages[name] = value
     model = data.get("model")
+    method = data.get("method")
+    if method is not None and method not in METHODS:
+        raise KbvqError(f"recipe {path}: method {method!r} is unknown; use one of {', '.join(METHODS)}")
     return Recipe(
         model=str(model) if model is not None else None,
         run=str(data["run"]) if data.get("run") else None,
         description=str(data.get("description") or ""),
         stages={name: value for name, value in stages.items() if value},
+        method=method,
+        calibration=str(data["calibration"]) if data.get("calibration") else None,
     )
 
 
@@ -125,7 +138,8 @@ def resolve_stage(
     stages = {**saved.stages, **{k: v for k, v in file_recipe.stages.items() if v}}
     stages[stage] = settings_dict(settings)
     recipe = Recipe(model=model, run=str(run_dir), description=file_recipe.description or saved.description,
-                    stages=stages)
+                    stages=stages, method=file_recipe.method or saved.method,
+                    calibration=file_recipe.calibration or saved.calibration)
     return ResolvedStage(run_dir=run_dir, model=model, settings=settings, recipe=recipe)
 
 

@@ -32,12 +32,22 @@ STAGES: dict[str, StageEntry] = {
     entry.name: entry
     for entry in (
         StageEntry("calibrate", "stages.calibrate.config:CalibrateSettings", "stages.calibrate.stage:run", ()),
+        StageEntry("gptq", "stages.gptq.config:GptqSettings", "stages.gptq.stage:run", ("calibrate",)),
         StageEntry("klt-svd", "stages.klt_svd.config:KltSvdSettings", "stages.klt_svd.stage:run", ("calibrate",)),
         StageEntry("vq", "stages.vq.config:VqSettings", "stages.vq.stage:run", ("klt-svd",)),
         StageEntry("bcos", "stages.bcos.config:BcosSettings", "stages.bcos.stage:run", ("calibrate", "vq")),
-        StageEntry("pack", "stages.pack.config:PackSettings", "stages.pack.stage:run", ("klt-svd", "vq", "bcos")),
+        StageEntry("pack", "stages.pack.config:PackSettings", "stages.pack.stage:run", ("vq|gptq",)),
         StageEntry("eval", "stages.eval.config:EvalSettings", "stages.eval.stage:run", ("pack",)),
     )
 }
 
 STAGE_ORDER = tuple(STAGES)
+
+# A recipe's `method` picks the stages `kbvq run` runs. Ablations (plain VQ, IDRE-only, BCOS-only,
+# SVD without KLT, rank sweeps, BCOS mean/variance) are kbvq recipes with other stage settings;
+# RTN and GPTQ are the gptq stage's two methods; fp16 evaluates the original checkpoint.
+METHODS: dict[str, tuple[str, ...]] = {
+    "kbvq": ("calibrate", "klt-svd", "vq", "bcos", "pack", "eval"),
+    "gptq": ("calibrate", "gptq", "pack", "eval"),
+    "fp16": ("eval",),
+}

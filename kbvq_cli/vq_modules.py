@@ -97,3 +97,30 @@ class VqLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         return self.projection(x.reshape(-1, shape[-1]), 0).reshape(*shape[:-1], self.out_features)
+
+
+class ScalarProjection(nn.Module):
+    """One projection of `n` experts quantized by RTN/GPTQ: codes uint8 [n, oc, ic], scale and zero
+    [n, oc, G], group_index int32 [n, ic] or None; W = (codes - zero) * scale per column's group."""
+
+    def __init__(self, codes, scale, zero, group_size: int, group_index=None, dtype=torch.float32):
+        super().__init__()
+        self.group_size, self.dtype = group_size, dtype  # scale/zero stay in their stored 16 bits
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.register_buffer("group_index", group_index)
+        self.shift = None
+
+    def dense_weight(self, expert: int) -> torch.Tensor:
+        from stages.gptq.core import QuantizedLinear, dequantize
+
+        index = None if self.group_index is None else self.group_index[expert]
+        quantized = QuantizedLinear(self.codes[expert], self.scale[expert], self.zero[expert], self.group_size, index)
+        return dequantize(quantized).to(self.dtype)
+
+    def project_basis(self, x: torch.Tensor) -> None:
+        return None
+
+    def forward(self, x: torch.Tensor, expert: int, projected=None) -> torch.Tensor:
+        return x @ self.dense_weight(expert).T

@@ -5,7 +5,7 @@ import torch
 from typer.testing import CliRunner
 
 from kbvq_cli.app import app
-from kbvq_cli.experts import SHARED, layer_experts
+from kbvq_cli.experts import layer_experts
 from kbvq_cli.model_files import ModelSource
 from stages.klt_svd.reader import KltSvd
 

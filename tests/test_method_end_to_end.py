@@ -5,7 +5,7 @@ import torch
 from typer.testing import CliRunner
 
 from kbvq_cli.app import app
-from kbvq_cli.experts import PROJECTIONS, layer_experts
+from kbvq_cli.experts import layer_experts
 from kbvq_cli.model_files import ModelSource
 from resume_util import kill_after_units, run_to_end, shard_hashes
 from stages.bcos.stage import quantized_layer

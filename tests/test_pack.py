@@ -157,3 +157,47 @@ def test_out_copy_loads_and_dense_export_matches(tiny_model_dir, calib_text, tmp
         reference = fake_quantized_model(model_dir, run, bcos)(input_ids=ids).logits
     assert torch.allclose(dense, reference, atol=1e-4, rtol=1e-4), (dense - reference).abs().max()
     assert "quantization_config" not in json.loads((run / "dense" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("method,model_type", [("gptq", "qwen2_moe"), ("rtn", "deepseek_v2")])
+def test_packed_scalar_baselines_equal_their_dequantized_weights(method, model_type, tiny_model_dir, calib_text,
+                                                                 tmp_path):
+    """RTN/GPTQ runs pack through the same path: the loaded model equals the original with every expert
+    matrix replaced by its dequantized codes, and the stored bits equal codes + 16-bit scale and zero."""
+    from transformers import AutoModelForCausalLM
+
+    from kbvq_cli import load_quantized
+    from kbvq_cli.experts import SHARED
+    from stages.gptq.reader import GptqCodes
+
+    model_dir, run = tiny_model_dir(model_type), tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {model_dir}\nmethod: gptq\ngptq: {{method: {method}, bits: 3, group_size: 16}}\n")
+    invoke("calibrate", "--model", model_dir, "--data", calib_text, "--samples", 8, "--seqlen", 64, "--run", run)
+    invoke("gptq", "--run", run, "--recipe", recipe)
+    invoke("pack", "--run", run)
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    codes, adapter = GptqCodes(run), ModelSource(str(model_dir)).adapter
+    for index, layer in enumerate(reference.model.layers):
+        if not codes.has(index, 0):
+            continue
+        experts = layer.mlp.experts
+        with torch.no_grad():
+            for e in range(experts.gate_up_proj.shape[0]):
+                unit = codes.expert(index, e)
+                experts.gate_up_proj[e] = torch.cat([codes.dequantized_matrix(unit, "gate"),
+                                                     codes.dequantized_matrix(unit, "up")])
+                experts.down_proj[e] = codes.dequantized_matrix(unit, "down")
+            for path in adapter.shared_experts:
+                shared = getattr(layer.mlp, path.split(".")[-1], None)
+                if shared is not None:
+                    unit = codes.expert(index, SHARED)
+                    for projection in ("gate", "up", "down"):
+                        getattr(shared, f"{projection}_proj").weight.copy_(codes.dequantized_matrix(unit, projection))
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        expected, got = reference(input_ids=ids).logits, load_quantized(run)(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    storage = StageDir.open_finished(run, "pack").manifest["summary"]["storage"]
+    assert abs(storage["bits_per_expert_weight"] - storage["formula_bits_per_expert_weight"]) < 0.01
+    assert storage["parts"]["codebooks"] == storage["parts"]["shared_basis"] == 0

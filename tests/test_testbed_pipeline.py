@@ -23,12 +23,13 @@ pytestmark = pytest.mark.skipif(not (TESTBED / "testbed.json").exists() and os.e
 
 
 def run_recipe(tmp_path: Path, name: str, **stage_overrides) -> Path:
-    recipe = yaml.safe_load((ROOT / "recipes" / "testbed-mini-w2.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "recipes" / "testbed-mini" / "kbvq-w2.yaml").read_text())
     recipe["model"] = str(TESTBED)
+    recipe["calibration"] = str(tmp_path / "calibration")  # one calibration for both runs
     recipe["calibrate"]["data"] = str(TESTBED / "calib.txt")
     recipe["eval"]["ppl_data"] = str(TESTBED / "test.txt")
     for stage, settings in stage_overrides.items():
-        recipe[stage.replace("_", "-")].update(settings)
+        recipe.setdefault(stage.replace("_", "-"), {}).update(settings)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["run", "--recipe", str(path), "--run", str(tmp_path / name)])
@@ -46,5 +47,6 @@ def test_kbvq_on_the_trained_test_bed(tmp_path):
     (entry,) = results.values()
     assert entry["ppl"] > 1 and entry["tokens_scored"] > 30000
     plain = run_recipe(tmp_path, "plain", klt_svd={"rank": 0}, bcos={"mode": "none"})
+    assert (plain / "calibrate").resolve() == (kbvq / "calibrate").resolve() == (tmp_path / "calibration" / "calibrate")
     inputs = held_out_block_inputs(TESTBED, TESTBED / "val.txt")
     assert output_error(kbvq, TESTBED, inputs) < output_error(plain, TESTBED, inputs)

@@ -79,8 +79,11 @@ def _tokenizer(path: Path):
 def run(resolved: ResolvedStage, restart: bool = False, model_dir: str | None = None, as_json: bool = False) -> dict:
     from kbvq_cli.streaming import pick_device
 
+    from kbvq_cli.recipe import save_run_recipe
+
     settings = resolved.settings
     path = target_path(resolved, model_dir)
+    save_run_recipe(resolved)
     packed = is_packed(path) or (model_dir is None and settings.target == "packed")
     identity = model_identity(path, packed)
     results = ResultsFile(resolved.run_dir / STAGE / "results.json", restart)

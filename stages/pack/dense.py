@@ -9,7 +9,6 @@ cannot be represented and is dropped, with a warning that says so; measure the e
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -38,7 +37,7 @@ def _expert_tensors(adapter, index: int, tensors: dict, metadata: dict, dtype) -
     disk_names = dict(zip(PROJECTIONS, adapter.disk_expert_names))
     for projection, module in routed.items():
         shifted |= module.shift is not None and bool(module.shift.abs().max() > 0)
-        for expert in range(module.indices.shape[0]):
+        for expert in range(len(module.codes if hasattr(module, "codes") else module.indices)):
             name = f"{prefix}{adapter.experts}.{expert}.{disk_names[projection]}.weight"
             out[disk_name(adapter, name)] = module.dense_weight(expert).to(dtype)
     for projection, module in shared.items():

@@ -34,14 +34,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def run(resolved: ResolvedStage, restart: bool = False, out: str | None = None) -> dict:
     settings = resolved.settings
-    klt, codes = KltSvd(resolved.run_dir), VqCodes(resolved.run_dir)
-    bcos = StageDir.open_finished(resolved.run_dir, "bcos")
     source = ModelSource(require_model(resolved))
-    upstream = upstream_inputs({"klt-svd": klt.stage_dir, "vq": codes.stage_dir, "bcos": bcos})
+    quantizer = Quantizer.of_run(resolved)
     stage_dir = open_stage(resolved, STAGE, hashed_settings(settings),
-                           {"upstream": upstream, "model": source.fingerprint()}, restart)
+                           {"upstream": upstream_inputs(quantizer.upstream), "model": source.fingerprint()}, restart)
     if not stage_dir.complete:
-        _pack_all(stage_dir, source, klt, codes, bcos, settings)
+        _pack_all(stage_dir, source, quantizer, settings)
     summary = stage_dir.manifest["summary"]
     print_storage(summary["storage"], stage_dir.path)
     if out:
@@ -49,11 +47,53 @@ def run(resolved: ResolvedStage, restart: bool = False, out: str | None = None) 
     return summary
 
 
-def _pack_all(stage_dir: StageDir, source: ModelSource, klt: KltSvd, codes: VqCodes, bcos: StageDir,
-              settings) -> None:
+class Quantizer:
+    """What produced a run's expert codes: kbvq (klt-svd, vq, bcos) or the RTN/GPTQ baselines (gptq)."""
+
+    def __init__(self, run_dir: Path, method: str):
+        self.method = method
+        if method == "gptq":
+            from stages.gptq.reader import GptqCodes
+
+            self.gptq = GptqCodes(run_dir)
+            self.upstream = {"gptq": self.gptq.stage_dir}
+            self.layers = sorted({int(name.split(".")[0].split("_")[1]) for name in self.gptq.stage_dir.unit_names()})
+            return
+        self.klt, self.codes = KltSvd(run_dir), VqCodes(run_dir)
+        self.bcos = StageDir.open_finished(run_dir, "bcos")
+        self.upstream = {"klt-svd": self.klt.stage_dir, "vq": self.codes.stage_dir, "bcos": self.bcos}
+        self.layers = self.klt.layers()
+        self.vq_config = self.codes.stage_dir.manifest["config"]
+        self.mode = self.bcos.manifest["config"]["mode"]
+
+    @classmethod
+    def of_run(cls, resolved: ResolvedStage) -> "Quantizer":
+        return cls(resolved.run_dir, resolved.recipe.method or "kbvq")
+
+    def pack_layer(self, source: ModelSource, state: dict, index: int) -> tuple[dict, dict]:
+        if self.method == "gptq":
+            return pack_scalar_layer(source, state, self.gptq, index)
+        return pack_moe_layer(source, state, self.klt, self.codes, self.bcos, index, self.vq_config, self.mode)
+
+    def storage(self, tensors: dict, metadata: dict) -> dict:
+        if self.method == "gptq":
+            return moe_layer_storage(tensors, metadata, {}, False)
+        return moe_layer_storage(tensors, metadata, self.vq_config, self.mode != "none")
+
+    def quantization_config(self, source: ModelSource) -> dict:
+        if self.method == "gptq":
+            config = self.gptq.stage_dir.manifest["config"]
+            return {"quant_method": FORMAT, "format_version": FORMAT_VERSION, "format": "scalar",
+                    "method": config["method"], "bits": config["bits"], "group_size": config["group_size"],
+                    "act_order": config["act_order"], "modules": [source.adapter.experts,
+                                                                   *source.adapter.shared_experts],
+                    "layers": self.layers, "store_dtype": "float16"}
+        return quantization_config(source, self.vq_config, self.mode, self.klt)
+
+
+def _pack_all(stage_dir: StageDir, source: ModelSource, quantizer: Quantizer, settings) -> None:
     started = time.time()
-    vq_config, mode = codes.stage_dir.manifest["config"], bcos.manifest["config"]["mode"]
-    quantized_layers = set(klt.layers())
+    quantized_layers = set(quantizer.layers)
     with progress_bar() as progress:
         task = progress.add_task("pack layers", total=source.num_layers + 1)
         for index in range(source.num_layers):
@@ -61,22 +101,20 @@ def _pack_all(stage_dir: StageDir, source: ModelSource, klt: KltSvd, codes: VqCo
             if not stage_dir.has_unit(name):
                 progress.update(task, description=f"pack layer {index}")
                 state = source.layer_state_dict(index)
-                if index in quantized_layers:
-                    tensors, metadata = pack_moe_layer(source, state, klt, codes, bcos, index, vq_config, mode)
-                else:
-                    tensors, metadata = {}, {"moe": False}
+                tensors, metadata = quantizer.pack_layer(source, state, index) if index in quantized_layers \
+                    else ({}, {"moe": False})
                 tensors.update(_unquantized(source, state, index, quantized=index in quantized_layers,
                                             dtype=settings.unquantized_dtype))
-                metadata["storage"] = moe_layer_storage(tensors, metadata, vq_config, mode != "none")
+                metadata["storage"] = quantizer.storage(tensors, metadata)
                 stage_dir.write_unit(name, tensors, {"layer": index, **metadata})
             progress.advance(task)
         if not stage_dir.has_unit(REST_UNIT):
             tensors = {name: _convert(source.tensor(name), settings.unquantized_dtype)
                        for name in source.weight_map if not name.startswith(source.adapter.layers_prefix + ".")}
             source.release()
-            stage_dir.write_unit(REST_UNIT, tensors, {"storage": moe_layer_storage(tensors, {}, vq_config, False)})
+            stage_dir.write_unit(REST_UNIT, tensors, {"storage": moe_layer_storage(tensors, {}, {}, False)})
         progress.advance(task)
-    _write_side_files(stage_dir.path, source, vq_config, mode, klt)
+    _write_side_files(stage_dir.path, source, quantizer.quantization_config(source))
     tally = StorageTally.from_units(stage_dir)
     stage_dir.finish({"seconds": round(time.time() - started, 3),
                       "storage": finish_storage(tally, stage_dir.path, source)})
@@ -148,6 +186,34 @@ def pack_moe_layer(source: ModelSource, state: dict, klt: KltSvd, codes: VqCodes
                      "shared_path": shared_path, "shared_stacked": stacked, "corrected": bool(corrections)}
 
 
+def pack_scalar_layer(source: ModelSource, state: dict, gptq, index: int) -> tuple[dict, dict]:
+    """RTN/GPTQ codes of one MoE layer: per projection `codes` bit-packed at `bits`, `qscale` and
+    `qzero` 16-bit [oc, G] (and `group_index` [ic] with act_order), with the expert dim for routed experts."""
+    adapter, bits = source.adapter, gptq.bits
+    shared_path = _shared_path(source, state)
+    experts = list(range(source.num_experts)) + (["shared"] if shared_path else [])
+    units = {e: gptq.expert(index, e) for e in experts}
+    def parts(unit: dict, projection: str) -> dict:
+        found = {"codes": pack_indices(unit[f"{projection}.codes"], bits), "qscale": unit[f"{projection}.scale"],
+                 "qzero": unit[f"{projection}.zero"]}
+        if f"{projection}.group_index" in unit:
+            found["group_index"] = unit[f"{projection}.group_index"]
+        return found
+
+    tensors, shapes = {}, {}
+    for projection in PROJECTIONS:
+        routed = [parts(units[e], projection) for e in range(source.num_experts)]
+        prefix = routed_prefix(adapter.layers_prefix, adapter.experts, index, projection)
+        tensors.update({prefix + part: torch.stack([r[part] for r in routed]) for part in routed[0]})
+        shapes[projection] = list(units[0][f"{projection}.codes"].shape)
+        if shared_path:
+            prefix = shared_prefix(adapter.layers_prefix, shared_path, index, projection)
+            tensors.update({prefix + part: t for part, t in parts(units[SHARED], projection).items()})
+            shapes[f"shared.{projection}"] = list(units[SHARED][f"{projection}.codes"].shape)
+    return tensors, {"moe": True, "format": "scalar", "bits": bits, "group_size": gptq.group_size,
+                     "shapes": shapes, "shared_path": shared_path}
+
+
 def quantization_config(source: ModelSource, vq_config: dict, mode: str, klt: KltSvd) -> dict:
     klt_config = klt.stage_dir.manifest["config"]
     modules = [source.adapter.experts, *source.adapter.shared_experts]
@@ -159,12 +225,12 @@ def quantization_config(source: ModelSource, vq_config: dict, mode: str, klt: Kl
             "modules": modules, "layers": klt.layers(), "store_dtype": "float16"}
 
 
-def _write_side_files(path: Path, source: ModelSource, vq_config: dict, mode: str, klt: KltSvd) -> None:
+def _write_side_files(path: Path, source: ModelSource, quantization: dict) -> None:
     """config.json with the quantization_config, and the tokenizer and generation files, copied."""
     from kbvq_cli.atomic import atomic_write_json
 
     config = json.loads((source.path / "config.json").read_text())
-    config["quantization_config"] = quantization_config(source, vq_config, mode, klt)
+    config["quantization_config"] = quantization
     atomic_write_json(path / "config.json", config)
     for name in TOKENIZER_FILES:
         if (source.path / name).exists():

@@ -13,18 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.pack.accounting import projection_bits
-from stages.pack.layout import QUANTIZED_PARTS, formula_groups
+from stages.pack.layout import formula_groups
 
 CATEGORIES = {"shared_basis": "shared_basis", "expert_coeffs": "expert_coeffs", "indices": "indices",
-              "codebook": "codebooks", "scale": "scale_shift", "shift": "scale_shift"}
+              "codebook": "codebooks", "scale": "scale_shift", "shift": "scale_shift",
+              # RTN/GPTQ: integer codes count as indices; per-group scales and zeros as their own part.
+              "codes": "indices", "qscale": "group_scales", "qzero": "group_scales", "group_index": "group_scales"}
 PROJECTION_NAMES = ("gate", "up", "down", "gate_proj", "up_proj", "down_proj")
-PART_ORDER = ("shared_basis", "expert_coeffs", "indices", "codebooks", "scale_shift", "unquantized")
+PART_ORDER = ("shared_basis", "expert_coeffs", "indices", "codebooks", "scale_shift", "group_scales", "unquantized")
 
 
 def category(name: str) -> str:
     """Which part of the storage a packed tensor belongs to ("unquantized" for copied weights)."""
     pieces = name.split(".")
-    if len(pieces) >= 2 and pieces[-1] in QUANTIZED_PARTS and pieces[-2] in PROJECTION_NAMES:
+    if len(pieces) >= 2 and pieces[-1] in CATEGORIES and pieces[-2] in PROJECTION_NAMES:
         return CATEGORIES[pieces[-1]]
     return "unquantized"
 
@@ -35,7 +37,16 @@ def moe_layer_storage(tensors: dict, metadata: dict, vq_config: dict, corrected:
     for name, tensor in tensors.items():
         parts[category(name)] += tensor.numel() * tensor.element_size()
     storage = {"bytes": parts, "expert_weights": 0, "formula_bits": 0}
-    if metadata.get("moe"):
+    if metadata.get("moe") and metadata.get("format") == "scalar":
+        from stages.gptq.core import gptq_bits
+
+        experts = _num_experts(tensors)
+        for name, (oc, ic) in metadata["shapes"].items():
+            total, weights = gptq_bits(oc, ic, metadata["bits"], metadata["group_size"])
+            count = 1 if name.startswith("shared.") else experts
+            storage["expert_weights"] += count * weights
+            storage["formula_bits"] += count * total
+    elif metadata.get("moe"):
         shapes = {key: tuple(value) for key, value in metadata["shapes"].items()}
         groups = formula_groups(shapes, metadata["parts"], _num_experts(tensors), metadata["shared_path"] is not None,
                                 metadata["shared_stacked"])
@@ -48,7 +59,8 @@ def moe_layer_storage(tensors: dict, metadata: dict, vq_config: dict, corrected:
 
 
 def _num_experts(tensors: dict) -> int:
-    return next(t.shape[0] for name, t in tensors.items() if name.endswith("experts.gate.codebook"))
+    return next(t.shape[0] for name, t in tensors.items()
+                if name.endswith(("experts.gate.codebook", "experts.gate.qscale")))
 
 
 @dataclass
@@ -117,7 +129,7 @@ def print_storage(storage: dict, where: Path) -> None:
         table.add_row(part, f"{storage['parts'][part]:,}")
     console.print(table)
     console.print(
-        f"bits per expert weight {storage['bits_per_expert_weight']:.4f} (METHOD.md §5 formula "
+        f"bits per expert weight {storage['bits_per_expert_weight']:.4f} (formula "
         f"{storage['formula_bits_per_expert_weight']:.4f}); bits per weight, whole model "
         f"{storage['bits_per_weight']:.4f}; {storage['bytes_on_disk']:,} bytes on disk against "
         f"{storage['original_bytes']:,} for the original ({storage['bytes_on_disk'] / storage['original_bytes']:.1%})")

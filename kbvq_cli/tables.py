@@ -1,0 +1,131 @@
+"""`kbvq table N --model M`: run every recipe a paper table needs (resuming what is done) and print the
+table in the paper's layout, each cell "ours / paper", with our measured bits per weight beside.
+
+Our numbers come from the runs themselves: perplexity and accuracies from `RUN/eval/results.json`
+(the entries for the recipe's eval settings), bits and sizes from `RUN/pack`'s storage record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kbvq_cli.catalogue import MODELS, TABLE_ROWS, VARIANTS, Row, recipe_path
+from kbvq_cli.errors import KbvqError
+
+MEASURED_BITS = "bits_per_weight"  # our measured bits per expert weight, printed in every table
+
+
+def _eval_summary(run: Path) -> dict | None:
+    """The run's eval results for the eval settings its recipe holds, or None if not measured yet."""
+    from kbvq_cli.recipe import load_recipe
+    from kbvq_cli.settings import parse_settings
+    from stages.eval.config import EvalSettings
+    from stages.eval.results import ResultsFile, summary_of
+    from stages.eval.stage import is_packed, model_identity
+
+    if not (run / "eval" / "results.json").exists():
+        return None
+    recipe = load_recipe(run / "recipe.yaml")
+    settings = parse_settings(EvalSettings, recipe.stages.get("eval"), f"{run}/recipe.yaml: eval")
+    if settings.target == "original":
+        from kbvq_cli.model_files import resolve_model_path
+
+        path, packed = resolve_model_path(recipe.model), False
+    else:
+        path, packed = run / "pack", is_packed(run / "pack")
+    results = ResultsFile(run / "eval" / "results.json")
+    identity = model_identity(path, packed)
+    if results.missing(identity, settings):
+        return None
+    return summary_of(results, identity, settings, str(path))
+
+
+def _storage(run: Path) -> dict | None:
+    import json
+
+    manifest = run / "pack" / "manifest.json"
+    if not manifest.exists():
+        return None
+    data = json.loads(manifest.read_text())
+    return data["summary"].get("storage") if data.get("complete") else None
+
+
+def measured_row(run: Path, variant: str) -> dict[str, float]:
+    """metric -> our value for one run (only what has been measured)."""
+    values: dict[str, float] = {}
+    summary = _eval_summary(run)
+    if summary:
+        if summary["ppl"] is not None:
+            values["wikitext2_ppl"] = summary["ppl"]
+        for task, metrics in summary["tasks"].items():
+            if metrics.get("acc") is not None:
+                values[task] = 100 * metrics["acc"]
+        if summary["avg_acc"] is not None:
+            values["avg_acc"] = 100 * summary["avg_acc"]
+    storage = _storage(run)
+    if storage:
+        values[MEASURED_BITS] = storage["bits_per_expert_weight"]
+        values["size_gb"] = storage["bytes_on_disk"] / 1e9
+        values["compress_ratio_pct"] = 100 * (1 - storage["bytes_on_disk"] / storage["original_bytes"])
+    elif VARIANTS[variant].method == "fp16" and summary:
+        values[MEASURED_BITS] = 16.0
+        values["compress_ratio_pct"] = 0.0
+    return values
+
+
+def _check(table: str, model: str) -> None:
+    if table not in TABLE_ROWS:
+        raise KbvqError(f"no recipe set for table {table}; tables: {', '.join(TABLE_ROWS)}")
+    if model not in MODELS:
+        raise KbvqError(f"unknown model {model!r}; models: {', '.join(MODELS)}")
+
+
+def run_table(table: str, model: str, run_missing: bool = True) -> dict:
+    """Run (or resume) each row's recipe, then collect {(bits, method, metric): value}."""
+    from kbvq_cli.console import info
+    from kbvq_cli.pipeline import run_recipe
+
+    _check(table, model)
+    measured = {}
+    for row in TABLE_ROWS[table]:
+        run = Path(f"runs/{model}/{row.variant}")
+        values = measured_row(run, row.variant)
+        if run_missing and not _complete(values, table, row):
+            info(f"[bold]=== table {table}, {model}: {row.variant}[/bold]")
+            run = run_recipe(str(recipe_path(model, row.variant)), None)
+            values = measured_row(run, row.variant)
+        measured.update({(row.bits, row.method, metric): value for metric, value in values.items()})
+    return measured
+
+
+def _complete(values: dict, table: str, row: Row) -> bool:
+    return "wikitext2_ppl" in values and (MEASURED_BITS in values)
+
+
+def table_metrics(table: str, model: str) -> list[str]:
+    from kbvq_cli.paper_tables import TABLE_LAYOUTS
+
+    metrics = list(TABLE_LAYOUTS[table].metrics)
+    if model.startswith("testbed"):  # scored by perplexity only: no zero-shot columns
+        metrics = [m for m in metrics if not _is_task(m)]
+    return metrics + ([MEASURED_BITS] if MEASURED_BITS not in metrics else [])
+
+
+def _is_task(metric: str) -> bool:
+    return metric not in ("wikitext2_ppl", "size_gb", "compress_ratio_pct", "bits_per_weight")
+
+
+def print_table(table: str, model: str, measured: dict, markdown: Path | None = None) -> None:
+    from kbvq_cli.console import console
+    from kbvq_cli.paper_tables import render_table, table_to_markdown
+
+    rows = [(row.bits, row.method) for row in TABLE_ROWS[table]]
+    from kbvq_cli.paper_tables import TABLE_LAYOUTS
+
+    rows += [key for key in TABLE_LAYOUTS[table].rows if key not in rows and not model.startswith("testbed")]
+    metrics = table_metrics(table, model)
+    console.print(render_table(table, model, measured, rows=rows, metrics=metrics))
+    if markdown is not None:
+        from kbvq_cli.atomic import atomic_write_text
+
+        atomic_write_text(markdown, table_to_markdown(table, model, measured, rows=rows, metrics=metrics))

@@ -1,0 +1,42 @@
+"""`kbvq table`: runs a table's recipes on the mini test-bed and prints our numbers beside the paper's,
+taken from the runs' own results (eval results.json, pack storage)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kbvq_cli.app import app
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTBED = ROOT / "testbed-mini"
+pytestmark = pytest.mark.skipif(not (TESTBED / "testbed.json").exists() and os.environ.get("CI") != "true",
+                                reason="build the mini test-bed first: make testbed-mini")
+
+
+def test_table_15_on_the_mini_test_bed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "testbed-mini").symlink_to(TESTBED)  # recipes name the test-bed relative to the working dir
+    result = CliRunner().invoke(app, ["table", "15", "--model", "testbed-mini", "--markdown", "t15.md"])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "t15.md").read_text().splitlines()
+    assert len(lines) == 2 + 4  # header, separator, idre-only, bcos-mean, bcos-var, kbvq
+    runs = tmp_path / "runs" / "testbed-mini"
+    calibrations = {(runs / v / "calibrate").resolve() for v in ("idre-only-w2", "bcos-mean-w2", "kbvq-w2")}
+    assert calibrations == {(runs / "calibration" / "calibrate").resolve()}  # one calibration for all
+    for variant, line in zip(("idre-only-w2", "bcos-mean-w2", "bcos-var-w2", "kbvq-w2"), lines[2:]):
+        (entry,) = json.loads((runs / variant / "eval" / "results.json").read_text())["entries"].values()
+        storage = json.loads((runs / variant / "pack" / "manifest.json").read_text())["summary"]["storage"]
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[2] == f"{entry['ppl']:.2f} / —"
+        assert cells[-1].startswith(f"{storage['bits_per_expert_weight']:.2f} /")
+    again = CliRunner().invoke(app, ["table", "15", "--model", "testbed-mini", "--no-run"])
+    assert again.exit_code == 0 and "== vq" not in again.output
+
+
+def test_table_refusals():
+    runner = CliRunner()
+    assert "no recipe set for table 5" in runner.invoke(app, ["table", "5", "--no-run"]).output
+    assert "unknown model 'llama'" in runner.invoke(app, ["table", "1", "--model", "llama", "--no-run"]).output
