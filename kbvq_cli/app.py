@@ -222,6 +222,32 @@ def run_all(
 
 
 @app.command()
+def report(
+    run: Annotated[str, typer.Option("--run", help="Run directory (calibrate and klt-svd finished).")],
+    out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default RUN/report).")] = None,
+    layers: Annotated[Optional[str], typer.Option(
+        "--layers", help="Comma-separated MoE layers to draw (default first, middle, last).")] = None,
+    compare: Annotated[Optional[str], typer.Option(
+        "--compare", help="A plain-VQ run of the same model, drawn beside this one in the drift figure.")] = None,
+) -> None:
+    """Figures and tables of a run (spectrum, expert similarity, channel drift, storage, expert load) in report.md."""
+    with user_errors():
+        from pathlib import Path
+
+        from kbvq_cli.console import info
+        from stages.report.build import write_report
+
+        chosen = None
+        if layers:
+            try:
+                chosen = [int(part) for part in layers.split(",") if part.strip()]
+            except ValueError:
+                raise KbvqError(f"--layers takes comma-separated layer numbers (got {layers!r})") from None
+        path = write_report(Path(run), Path(out) if out else None, chosen, Path(compare) if compare else None)
+        info(f"report: {path}")
+
+
+@app.command()
 def table(
     number: Annotated[str, typer.Argument(help="Paper table: 1, 2, 3, 4, 7, 8, 14 or 15.")],
     model: Annotated[str, typer.Option("--model", help="qwen15-moe, qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, "
