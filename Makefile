@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KBVQ   := $(VENV)/bin/kbvq
 
-.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode clean
+.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 5 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode clean
 
 install: $(VENV)/.installed
 
@@ -36,7 +36,7 @@ demo: install testbed-mini
 # make table1 MODEL=qwen15-moe (table2, table3, table4, table7, table8, table14, table15): run every
 # recipe the table needs (recipes/MODEL/), resuming whatever is done, and print it beside the paper.
 MODEL ?= testbed
-TABLES := 1 2 3 4 7 8 14 15
+TABLES := 1 2 3 4 5 7 8 14 15
 $(addprefix table,$(TABLES)): table%: install
 	$(KBVQ) table $* --model $(MODEL) --markdown runs/$(MODEL)/table$*.md
 

@@ -103,11 +103,14 @@ def vq(
     iters: Annotated[Optional[int], typer.Option("--iters", help="Lloyd iterations (default 100).")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help="faiss (CPU) or torch (CPU/CUDA).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="k-means++ seed (default 42).")] = None,
+    error_feedback: Annotated[Optional[bool], typer.Option(
+        "--error-feedback/--no-error-feedback", help="GPTQ-style error feedback in the assignment (GPTVQ, Table 5).")] = None,
     device: DeviceOption = None,
     restart: RestartOption = False,
 ) -> None:
     """Vector-quantize each expert's specific part with its own k-means codebook."""
-    overrides = dict(bits=bits, dim=dim, iters=iters, backend=backend, seed=seed, device=device)
+    overrides = dict(bits=bits, dim=dim, iters=iters, backend=backend, seed=seed, device=device,
+                     error_feedback=error_feedback)
     run_stage("vq", run=run, recipe=recipe, restart=restart, overrides=overrides)
 
 
@@ -249,7 +252,7 @@ def report(
 
 @app.command()
 def table(
-    number: Annotated[str, typer.Argument(help="Paper table: 1, 2, 3, 4, 7, 8, 14 or 15.")],
+    number: Annotated[str, typer.Argument(help="Paper table: 1, 2, 3, 4, 5, 7, 8, 14 or 15.")],
     model: Annotated[str, typer.Option("--model", help="qwen15-moe, qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, "
                                        "testbed or testbed-mini.")] = "testbed-mini",
     run_missing: Annotated[bool, typer.Option("--run/--no-run", help="Run the recipes whose results are missing.")] = True,

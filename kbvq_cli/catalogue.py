@@ -87,6 +87,14 @@ def _variants() -> list[Variant]:
     for ratio, label in ((1 / 256, "1-256"), (1 / 64, "1-64"), (1 / 48, "1-48"), (1 / 32, "1-32")):
         found.append(Variant(f"rank-{label}-w2", "kbvq", 2, f"KBVQ-MoE, 2-bit, rank {label.replace('-', '/')} "
                              f"of min(oc, ic)", _kbvq(2, {"rank_ratio": ratio})))
+    gptvq = {"bits": 2, "error_feedback": True}
+    for name, klt_svd, bcos, label in (("gptvq-w2", {"rank": 0}, {"mode": "none"}, "GPTVQ-style"),
+                                       ("gptvq-idre-w2", None, {"mode": "none"}, "GPTVQ-style + IDRE"),
+                                       ("gptvq-bcos-w2", {"rank": 0}, None, "GPTVQ-style + BCOS"),
+                                       ("gptvq-kbvq-w2", None, None, "GPTVQ-style + IDRE + BCOS")):
+        stages = _kbvq(2, klt_svd, bcos)
+        stages["vq"] = dict(gptvq)
+        found.append(Variant(name, "kbvq", 2, f"{label} VQ (error feedback), 2-bit", stages))
     for mode in ("mean", "var"):
         found.append(Variant(f"bcos-{mode}-w2", "kbvq", 2, f"KBVQ-MoE, 2-bit, BCOS {mode} correction only",
                              _kbvq(2, bcos={"mode": mode})))
@@ -108,7 +116,8 @@ def _rows(*rows: tuple) -> tuple[Row, ...]:
 
 
 # Which variant measures each row of the paper's tables. Rows of methods kbvq does not implement
-# (MoEQuant, VPTQ, GPTVQ) stay in the printed table with the paper's number only.
+# (MoEQuant, VPTQ) stay in the printed table with the paper's number only. The GPTVQ rows are kbvq's
+# own GPTQ-style error-feedback VQ (vq: {error_feedback: true}), not the GPTVQ authors' code.
 TABLE_ROWS: dict[str, tuple[Row, ...]] = {
     "1": _rows((16, "fp16", "fp16"), *[(b, m, f"{m}-w{b}") for b in (2, 3) for m in ("rtn", "gptq", "vq", "kbvq")]),
     "2": _rows((16, "fp16", "fp16"), *[(b, paper, f"{variant}-w{b}") for b in (3, 2) for paper, variant in
@@ -118,6 +127,8 @@ TABLE_ROWS: dict[str, tuple[Row, ...]] = {
                (3, "svd-no-klt", "svd-no-klt-w3"), (3, "klt-svd", "kbvq-w3")),
     "4": _rows((2.01, "rank-0", "bcos-only-w2"), (2.08, "rank-1/128", "kbvq-w2"), (2.11, "rank-1/64", "rank-1-64-w2"),
                (2.20, "rank-1/32", "rank-1-32-w2")),
+    "5": _rows((2, "gptvq", "gptvq-w2"), (2, "gptvq+idre", "gptvq-idre-w2"), (2, "gptvq+bcos", "gptvq-bcos-w2"),
+               (2, "gptvq+kbvq", "gptvq-kbvq-w2")),
     "7": _rows((2.05, "rank-1/256", "rank-1-256-w2"), (2.08, "rank-1/128", "kbvq-w2"),
                (2.11, "rank-1/64", "rank-1-64-w2"), (2.15, "rank-1/48", "rank-1-48-w2"),
                (2.2, "rank-1/32", "rank-1-32-w2")),

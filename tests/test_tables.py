@@ -38,5 +38,5 @@ def test_table_15_on_the_mini_test_bed(tmp_path, monkeypatch):
 
 def test_table_refusals():
     runner = CliRunner()
-    assert "no recipe set for table 5" in runner.invoke(app, ["table", "5", "--no-run"]).output
+    assert "no recipe set for table 6" in runner.invoke(app, ["table", "6", "--no-run"]).output
     assert "unknown model 'llama'" in runner.invoke(app, ["table", "1", "--model", "llama", "--no-run"]).output

@@ -20,6 +20,11 @@ class VqSettings:
     # one per expert: for GPUs). Batched and one-by-one runs gave identical codes on CPU tests, but float
     # rounding of a batched matmul may differ, so it is part of the hashed settings.
     expert_batch: int = 8
+    # GPTQ-style error feedback (the GPTVQ baseline, Table 5): with the k-means codebook fixed, assign the
+    # sub-vectors column group by column group, spreading each group's output error over the columns
+    # not yet assigned through the inverse of the expert's input second moment (damped by `damp`).
+    error_feedback: bool = False
+    damp: float = 0.01
 
     RUNTIME_KEYS = ("device",)
 
@@ -31,3 +36,4 @@ class VqSettings:
                 f"{', '.join(map(str, allowed[self.dim]))}")
         require(self.iters >= 0, f"{where}.iters must be >= 0")
         require(self.expert_batch >= 1, f"{where}.expert_batch must be >= 1")
+        require(0 <= self.damp < 1, f"{where}.damp must be in [0, 1)")

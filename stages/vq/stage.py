@@ -25,6 +25,7 @@ from stages.klt_svd.reader import KltSvd
 from stages.vq.backends import make_backend
 from stages.vq.batched import kmeans_batched
 from stages.vq.core import codebook_size, dequantize, to_subvectors, vq_quantize
+from stages.vq.error_feedback import error_feedback_assign
 
 STAGE = "vq"
 CODEBOOK_DTYPE = torch.float16
@@ -120,14 +121,16 @@ def quantize_group(experts, parts, stats, group: list, settings, backend) -> lis
                                                                  _codes(residuals, settings, backend)):
             tensors, metadata = out[expert]
             codebook = codebook.to(CODEBOOK_DTYPE)
+            moments = stats.expert_input(projection, expert, experts.shared_path)
+            second = moments.sum_xxT if moments.sum_xxT is not None and int(moments.count) > 0 else None
+            second = second if second is not None else torch.eye(weight.shape[1], device=weight.device)
+            if settings.error_feedback:  # re-assign against the stored (16-bit) codebook, GPTVQ-style
+                indices = error_feedback_assign(residual, codebook.float(), second, settings.damp)
             tensors[f"{projection}.codebook"] = codebook
             tensors[f"{projection}.indices"] = indices.to(torch.int16)
             approx = dequantize(indices, codebook.float(), residual.shape)
             metadata["relative_error"][projection] = float(
                 (residual - approx).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-30))
-            moments = stats.expert_input(projection, expert, experts.shared_path)
-            second = moments.sum_xxT if moments.sum_xxT is not None and int(moments.count) > 0 else None
-            second = second if second is not None else torch.eye(weight.shape[1], device=weight.device)
             share = weight - residual
             metadata["output_error_before"][projection] = relative_output_error(weight, share, second)
             metadata["output_error"][projection] = relative_output_error(weight, share + approx, second)
