@@ -16,7 +16,31 @@ def hashed_settings(settings) -> dict:
 
 def open_stage(resolved: ResolvedStage, stage: str, config: dict, inputs: dict, restart: bool) -> StageDir:
     save_run_recipe(resolved)
+    if not restart:
+        config = config_as_recorded(resolved.run_dir / stage, config, resolved.settings)
     return StageDir.open_for_write(resolved.run_dir, stage, config, inputs, restart=restart)
+
+
+def config_as_recorded(path, config: dict, settings) -> dict:
+    """A run made before a setting existed stays valid while that setting keeps its default: the config
+    is compared (and hashed) without such keys, so upgrading kbvq does not invalidate finished work."""
+    import dataclasses
+    import json
+
+    manifest = path / "manifest.json"
+    if not manifest.exists():
+        return config
+    try:
+        recorded = json.loads(manifest.read_text()).get("config", {})
+    except ValueError:
+        return config  # unreadable: open_for_write reports it
+    defaults = {field.name: field.default for field in dataclasses.fields(settings)}
+    added = set(config) - set(recorded)
+    if not added or not set(recorded) <= set(config):
+        return config
+    if all(config[key] == defaults.get(key) for key in added):
+        return {key: config[key] for key in recorded}
+    return config
 
 
 def upstream_inputs(stage_dirs: dict[str, StageDir]) -> dict:

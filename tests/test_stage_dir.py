@@ -95,3 +95,31 @@ def test_uncommitted_shards_are_removed_on_resume(tmp_path):
     stage.write_aux("activations_005", {"h": torch.ones(2)})  # written, never committed (killed)
     make(tmp_path)
     assert sorted(p.name for p in (tmp_path / "demo").glob("*.safetensors")) == ["u0.safetensors"]
+
+
+def test_a_setting_added_later_at_its_default_keeps_old_runs_valid(tiny_model_dir, calib_text, tmp_path):
+    """A run whose vq manifest predates a setting (here error_feedback and damp) resumes while the new
+    setting keeps its default, and is refused, naming it, when it does not."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from kbvq_cli.app import app
+
+    run = tmp_path / "run"
+    runner = CliRunner()
+    for args in (("calibrate", "--model", tiny_model_dir("qwen2_moe"), "--data", calib_text, "--samples", 8,
+                  "--seqlen", 64), ("klt-svd", "--rank", 2), ("vq", "--iters", 3)):
+        assert runner.invoke(app, [str(a) for a in (*args, "--run", run)]).exit_code == 0
+    manifest_path = run / "vq" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for key in ("error_feedback", "damp"):
+        del manifest["config"][key]
+    from kbvq_cli.hashing import hash_json
+
+    manifest["config_hash"] = hash_json(manifest["config"])
+    manifest_path.write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["vq", "--run", str(run), "--iters", "3"])
+    assert result.exit_code == 0 and "already complete" in result.output
+    result = runner.invoke(app, ["vq", "--run", str(run), "--iters", "3", "--error-feedback"])
+    assert result.exit_code == 2 and "error_feedback" in result.output
