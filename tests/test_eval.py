@@ -110,6 +110,7 @@ def test_lm_eval_runs_a_local_task_end_to_end(tiny_model_dir, tmp_path, monkeypa
     stored = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["entries"]
     entry = next(iter(stored.values()))
     assert entry["config"]["task"] == "kbvq_tiny_choice" and entry["versions"]["lm_eval"]
+    assert entry["settings"]["seed"] == 1234 and entry["settings"]["num_fewshot"] == 0
 
 
 def test_eval_refusals(tiny_model_dir, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 from kbvq_cli.console import console, info, progress_bar
 from kbvq_cli.hashing import hash_json
 from kbvq_cli.recipe import ResolvedStage
-from stages.eval.results import ResultsFile, summary_of
+from stages.eval.results import ResultsFile, ppl_settings, summary_of, task_settings
 
 STAGE = "eval"
 
@@ -111,13 +111,15 @@ def _measure(results: "ResultsFile", identity: dict, settings, todo: dict, model
         with progress_bar() as progress:
             task = progress.add_task("perplexity windows", total=full_windows(ids, settings.seqlen).shape[0])
             measured = perplexity(model, ids, settings.seqlen, device, lambda: progress.advance(task))
-        results.record(todo["ppl"], {"measure": "ppl", "model": identity, **measured.to_json()})
+        results.record(todo["ppl"], {"measure": "ppl", "model": identity, "settings": ppl_settings(settings),
+                                     **measured.to_json()})
     tasks = [task for task in settings.task_list if task in todo]
     if tasks:
         from stages.eval.zero_shot import zero_shot
 
         for task, entry in zero_shot(model, tokenizer, tasks, settings, device).items():
-            results.record(todo[task], {"measure": "task", "task": task, "model": identity, **entry})
+            results.record(todo[task], {"measure": "task", "task": task, "model": identity,
+                                        "settings": task_settings(settings, task), **entry})
 
 
 def _show(summary: dict, as_json: bool) -> None:
