@@ -66,11 +66,24 @@ def measured_row(run: Path, variant: str) -> dict[str, float]:
     if storage:
         values[MEASURED_BITS] = storage["bits_per_expert_weight"]
         values["size_gb"] = storage["bytes_on_disk"] / 1e9
+        values["size_mb"] = storage["bytes_on_disk"] / 1e6
         values["compress_ratio_pct"] = 100 * (1 - storage["bytes_on_disk"] / storage["original_bytes"])
     elif VARIANTS[variant].method == "fp16" and summary:
-        values[MEASURED_BITS] = 16.0
-        values["compress_ratio_pct"] = 0.0
+        values.update(_original_storage(run))
     return values
+
+
+def _original_storage(run: Path) -> dict[str, float]:
+    """The FP row's bits per weight and size, measured from the checkpoint (32 for a float32 test-bed)."""
+    from kbvq_cli.model_files import ModelSource
+    from kbvq_cli.recipe import load_recipe
+    from stages.pack.storage import checkpoint_bytes, checkpoint_weights
+
+    source = ModelSource(load_recipe(run / "recipe.yaml").model)
+    data = checkpoint_bytes(source)
+    on_disk = sum((source.path / f).stat().st_size for f in set(source.weight_map.values()))
+    return {MEASURED_BITS: 8 * data / checkpoint_weights(source), "size_gb": on_disk / 1e9,
+            "size_mb": on_disk / 1e6, "compress_ratio_pct": 0.0}
 
 
 def _check(table: str, model: str) -> None:
@@ -106,13 +119,13 @@ def table_metrics(table: str, model: str) -> list[str]:
     from kbvq_cli.paper_tables import TABLE_LAYOUTS
 
     metrics = list(TABLE_LAYOUTS[table].metrics)
-    if model.startswith("testbed"):  # scored by perplexity only: no zero-shot columns
-        metrics = [m for m in metrics if not _is_task(m)]
+    if model.startswith("testbed"):  # scored by perplexity only: no zero-shot columns; sizes in MB
+        metrics = [("size_mb" if m == "size_gb" else m) for m in metrics if not _is_task(m)]
     return metrics + ([MEASURED_BITS] if MEASURED_BITS not in metrics else [])
 
 
 def _is_task(metric: str) -> bool:
-    return metric not in ("wikitext2_ppl", "size_gb", "compress_ratio_pct", "bits_per_weight")
+    return metric not in ("wikitext2_ppl", "size_gb", "size_mb", "compress_ratio_pct", "bits_per_weight")
 
 
 def print_table(table: str, model: str, measured: dict, markdown: Path | None = None) -> None:
@@ -125,7 +138,19 @@ def print_table(table: str, model: str, measured: dict, markdown: Path | None = 
     rows += [key for key in TABLE_LAYOUTS[table].rows if key not in rows and not model.startswith("testbed")]
     metrics = table_metrics(table, model)
     console.print(render_table(table, model, measured, rows=rows, metrics=metrics))
+    console.print(caption(model), soft_wrap=True)
     if markdown is not None:
         from kbvq_cli.atomic import atomic_write_text
 
-        atomic_write_text(markdown, table_to_markdown(table, model, measured, rows=rows, metrics=metrics))
+        text = table_to_markdown(table, model, measured, rows=rows, metrics=metrics)
+        atomic_write_text(markdown, text + "\n" + caption(model) + "\n")
+
+
+def caption(model: str) -> str:
+    from stages.eval.config import WIKITEXT2_TEST
+
+    settings = MODELS[model].eval
+    data, seqlen = settings.get("ppl_data", WIKITEXT2_TEST), settings.get("seqlen", 4096)
+    return (f"Cells: ours / the paper's. Perplexity column: {data}, windows of {seqlen} tokens. Bits: the "
+            f"paper's row label; Bits/weight: ours, measured from the packed files per expert weight (for "
+            f"the FP row, the checkpoint's own bits per weight).")

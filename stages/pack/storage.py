@@ -102,6 +102,16 @@ def checkpoint_weights(source) -> int:
     return total
 
 
+def checkpoint_bytes(source) -> int:
+    """Bytes of tensor data in a checkpoint's safetensors files (headers excluded)."""
+    total = 0
+    for file in sorted(set(source.weight_map.values())):
+        for entry in safetensors_header(source.path / file).values():
+            start, end = entry["data_offsets"]
+            total += end - start
+    return total
+
+
 def finish_storage(tally: StorageTally, pack_dir: Path, source) -> dict:
     quantized = sum(count for part, count in tally.bytes.items() if part != "unquantized")
     model_weights = checkpoint_weights(source)
