@@ -148,6 +148,24 @@ def gptq(
 
 
 @app.command()
+def nonexpert(
+    run: RunOption = None,
+    recipe: RecipeOption = None,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="none (default: keep them as in the checkpoint, as the paper does), rtn or gptq.")] = None,
+    modules: Annotated[Optional[str], typer.Option(
+        "--modules", help="Comma-separated module prefixes inside a layer (default self_attn; add mlp for dense MLPs).")] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Bits per weight: 2, 3, 4 (default) or 8.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Columns per scale/zero (default 128).")] = None,
+    device: DeviceOption = None,
+    restart: RestartOption = False,
+) -> None:
+    """Quantize (or, by default, keep) the linear layers outside the experts: attention, dense MLPs."""
+    overrides = dict(method=method, modules=modules, bits=bits, group_size=group_size, device=device)
+    run_stage("nonexpert", run=run, recipe=recipe, restart=restart, overrides=overrides)
+
+
+@app.command()
 def pack(
     run: RunOption = None,
     recipe: RecipeOption = None,

@@ -58,19 +58,22 @@ def build_projection(tensors: dict, prefix: str, shape, side: str, width: int, d
                         cast(shared_basis if coeffs is not None else None), cast(expand(coeffs)), side)
 
 
-def build_scalar_projection(tensors: dict, prefix: str, shape, bits: int, group_size: int, dtype) -> ScalarProjection:
-    """An RTN/GPTQ projection's module from a packed unit (routed: expert dim; shared: given one)."""
+NONEXPERT_PARTS = {"codes": "weight_codes", "qscale": "weight_scale", "qzero": "weight_zero",
+                   "group_index": "weight_group_index"}
+
+
+def build_scalar_projection(get, shape, bits: int, group_size: int, dtype) -> ScalarProjection:
+    """An RTN/GPTQ matrix's module from a packed unit; `get(part)` returns the tensor of part `codes`,
+    `qscale`, `qzero` or `group_index` (None if absent). Routed experts carry an expert dim; others get one."""
     from stages.pack.bitpack import unpack_indices
 
     oc, ic = shape
-    scale = tensors[prefix + "qscale"]
+    scale = get("qscale")
     routed = scale.dim() == 3
     expand = (lambda t: t) if routed else (lambda t: None if t is None else t.unsqueeze(0))  # noqa: E731
-    packed = tensors[prefix + "codes"]
-    packed = packed if routed else packed.unsqueeze(0)
+    packed = get("codes") if routed else get("codes").unsqueeze(0)
     codes = torch.stack([unpack_indices(row, bits, oc * ic) for row in packed]).to(torch.uint8).reshape(-1, oc, ic)
-    return ScalarProjection(codes, expand(scale), expand(tensors[prefix + "qzero"]), group_size,
-                            expand(tensors.get(prefix + "group_index")), dtype)
+    return ScalarProjection(codes, expand(scale), expand(get("qzero")), group_size, expand(get("group_index")), dtype)
 
 
 def layer_projections(tensors: dict, metadata: dict, adapter, index: int, dtype) -> tuple[dict, dict]:
@@ -79,7 +82,8 @@ def layer_projections(tensors: dict, metadata: dict, adapter, index: int, dtype)
 
     if metadata.get("format") == "scalar":
         build = lambda prefix, key: build_scalar_projection(  # noqa: E731
-            tensors, prefix, metadata["shapes"][key], metadata["bits"], metadata["group_size"], dtype)
+            lambda part: tensors.get(prefix + part), metadata["shapes"][key], metadata["bits"],
+            metadata["group_size"], dtype)
         routed = {p: build(routed_prefix(adapter.layers_prefix, adapter.experts, index, p), p) for p in PROJECTIONS}
         shared = {} if metadata["shared_path"] is None else {
             p: build(shared_prefix(adapter.layers_prefix, metadata["shared_path"], index, p), f"shared.{p}")
@@ -119,6 +123,22 @@ def _install_layer(model, adapter, index: int, tensors: dict, metadata: dict, dt
         for projection, module in shared.items():
             oc, ic = metadata["shapes"][f"shared.{projection}"]
             setattr(shared_module, f"{projection}_proj", VqLinear(module, ic, oc))
+
+
+def _install_nonexpert(model, adapter, index: int, tensors: dict, metadata: dict, dtype) -> None:
+    """Replace each quantized non-expert linear of the layer by a module computing it from its codes."""
+    from kbvq_cli.streaming import module_at
+
+    layer = module_at(model, f"{adapter.layers_prefix}.{index}")
+    prefix = f"{adapter.layers_prefix}.{index}."
+    for path, meta in metadata.get("nonexpert", {}).items():
+        oc, ic = meta["shape"]
+        projection = build_scalar_projection(lambda part: tensors.get(f"{prefix}{path}.{NONEXPERT_PARTS[part]}"),
+                                             (oc, ic), meta["bits"], meta["group_size"], dtype)
+        bias = tensors.get(f"{prefix}{path}.bias")
+        parent, _, name = path.rpartition(".")
+        setattr(module_at(layer, parent) if parent else layer, name,
+                VqLinear(projection, ic, oc, None if bias is None else bias.to(dtype)))
 
 
 def _materialise_rotary(model, config) -> None:
@@ -162,6 +182,8 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype | N
         tensors, metadata = stage_dir.read_unit(unit), stage_dir.read_metadata(unit)
         if metadata.get("moe"):
             _install_layer(model, adapter, metadata["layer"], tensors, metadata, dtype)
+        if metadata.get("nonexpert"):
+            _install_nonexpert(model, adapter, metadata["layer"], tensors, metadata, dtype)
         from stages.pack.storage import category
 
         state.update({name: value.to(dtype) if value.is_floating_point() else value

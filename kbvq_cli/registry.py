@@ -36,6 +36,8 @@ STAGES: dict[str, StageEntry] = {
         StageEntry("klt-svd", "stages.klt_svd.config:KltSvdSettings", "stages.klt_svd.stage:run", ("calibrate",)),
         StageEntry("vq", "stages.vq.config:VqSettings", "stages.vq.stage:run", ("klt-svd",)),
         StageEntry("bcos", "stages.bcos.config:BcosSettings", "stages.bcos.stage:run", ("calibrate", "vq")),
+        StageEntry("nonexpert", "stages.nonexpert.config:NonExpertSettings", "stages.nonexpert.stage:run",
+                   ("calibrate",)),
         StageEntry("pack", "stages.pack.config:PackSettings", "stages.pack.stage:run", ("vq|gptq",)),
         StageEntry("eval", "stages.eval.config:EvalSettings", "stages.eval.stage:run", ("pack",)),
     )
@@ -47,7 +49,7 @@ STAGE_ORDER = tuple(STAGES)
 # SVD without KLT, rank sweeps, BCOS mean/variance) are kbvq recipes with other stage settings;
 # RTN and GPTQ are the gptq stage's two methods; fp16 evaluates the original checkpoint.
 METHODS: dict[str, tuple[str, ...]] = {
-    "kbvq": ("calibrate", "klt-svd", "vq", "bcos", "pack", "eval"),
-    "gptq": ("calibrate", "gptq", "pack", "eval"),
+    "kbvq": ("calibrate", "klt-svd", "vq", "bcos", "nonexpert", "pack", "eval"),
+    "gptq": ("calibrate", "gptq", "nonexpert", "pack", "eval"),
     "fp16": ("eval",),
 }

@@ -87,16 +87,19 @@ class VqExperts(nn.Module):
 
 
 class VqLinear(nn.Module):
-    """An `nn.Linear` replacement (no bias) computing one shared-expert projection from its parts."""
+    """An `nn.Linear` replacement computing one matrix from its quantized parts (a shared-expert
+    projection, or a non-expert linear quantized by `kbvq nonexpert`), with the original's bias if any."""
 
-    def __init__(self, projection: VqProjection, in_features: int, out_features: int):
+    def __init__(self, projection, in_features: int, out_features: int, bias: torch.Tensor | None = None):
         super().__init__()
         self.projection = projection
         self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        return self.projection(x.reshape(-1, shape[-1]), 0).reshape(*shape[:-1], self.out_features)
+        y = self.projection(x.reshape(-1, shape[-1]), 0).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
 class ScalarProjection(nn.Module):

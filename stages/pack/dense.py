@@ -46,6 +46,19 @@ def _expert_tensors(adapter, index: int, tensors: dict, metadata: dict, dtype) -
     return out, shifted
 
 
+def _nonexpert_tensors(adapter, metadata: dict, tensors: dict, dtype) -> dict:
+    """The dequantized weights of the layer's non-expert linears that `kbvq nonexpert` quantized."""
+    from kbvq_cli.quantized_model import NONEXPERT_PARTS, build_scalar_projection
+
+    out = {}
+    prefix = f"{adapter.layers_prefix}.{metadata.get('layer')}."
+    for path, meta in metadata.get("nonexpert", {}).items():
+        module = build_scalar_projection(lambda part: tensors.get(f"{prefix}{path}.{NONEXPERT_PARTS[part]}"),
+                                         meta["shape"], meta["bits"], meta["group_size"], torch.float32)
+        out[disk_name(adapter, f"{prefix}{path}.weight")] = module.dense_weight(0).to(dtype)
+    return out
+
+
 def export_dense(resolved, out: str | None) -> Path:
     from safetensors.torch import save_file
 
@@ -69,6 +82,7 @@ def export_dense(resolved, out: str | None) -> Path:
                 experts, shifted = _expert_tensors(source.adapter, metadata["layer"], tensors, metadata, dtype)
                 dense.update(experts)
                 dropped |= shifted
+            dense.update(_nonexpert_tensors(source.adapter, metadata, tensors, dtype))
             file = f"model-{number:05d}-of-{len(units):05d}.safetensors"
             save_file({k: v.contiguous() for k, v in dense.items()}, str(staging / file), metadata={"format": "pt"})
             weight_map.update({name: file for name in dense})

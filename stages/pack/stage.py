@@ -68,7 +68,30 @@ class Quantizer:
 
     @classmethod
     def of_run(cls, resolved: ResolvedStage) -> "Quantizer":
-        return cls(resolved.run_dir, resolved.recipe.method or "kbvq")
+        quantizer = cls(resolved.run_dir, resolved.recipe.method or "kbvq")
+        quantizer.nonexpert = None  # the layers outside the experts, if `kbvq nonexpert` quantized them
+        if (resolved.run_dir / "nonexpert" / "manifest.json").exists():
+            nonexpert = StageDir.open_finished(resolved.run_dir, "nonexpert")
+            if nonexpert.unit_names():  # method none quantizes nothing: the pack does not depend on it
+                quantizer.nonexpert = nonexpert
+                quantizer.upstream["nonexpert"] = nonexpert
+        return quantizer
+
+    def pack_nonexpert(self, source: ModelSource, index: int, tensors: dict, metadata: dict) -> None:
+        """Replace the layer's quantized non-expert weights by their codes (see stages.pack.layout)."""
+        if self.nonexpert is None or not self.nonexpert.has_unit(layer_unit(index)):
+            return
+        config, units = self.nonexpert.manifest["config"], self.nonexpert.read_unit(layer_unit(index))
+        linears = self.nonexpert.read_metadata(layer_unit(index))["linears"]
+        prefix = f"{source.adapter.layers_prefix}.{index}."
+        for path, info_ in linears.items():
+            del tensors[f"{prefix}{path}.weight"]
+            tensors[f"{prefix}{path}.weight_codes"] = pack_indices(units[f"{path}.codes"], config["bits"])
+            for part in ("scale", "zero", "group_index"):
+                if f"{path}.{part}" in units:
+                    tensors[f"{prefix}{path}.weight_{part}"] = units[f"{path}.{part}"]
+        metadata["nonexpert"] = {path: {"shape": meta["shape"], "bits": config["bits"],
+                                        "group_size": config["group_size"]} for path, meta in linears.items()}
 
     def pack_layer(self, source: ModelSource, state: dict, index: int) -> tuple[dict, dict]:
         if self.method == "gptq":
@@ -105,6 +128,7 @@ def _pack_all(stage_dir: StageDir, source: ModelSource, quantizer: Quantizer, se
                     else ({}, {"moe": False})
                 tensors.update(_unquantized(source, state, index, quantized=index in quantized_layers,
                                             dtype=settings.unquantized_dtype))
+                quantizer.pack_nonexpert(source, index, tensors, metadata)
                 metadata["storage"] = quantizer.storage(tensors, metadata)
                 stage_dir.write_unit(name, tensors, {"layer": index, **metadata})
             progress.advance(task)

@@ -20,12 +20,15 @@ CATEGORIES = {"shared_basis": "shared_basis", "expert_coeffs": "expert_coeffs", 
               # RTN/GPTQ: integer codes count as indices; per-group scales and zeros as their own part.
               "codes": "indices", "qscale": "group_scales", "qzero": "group_scales", "group_index": "group_scales"}
 PROJECTION_NAMES = ("gate", "up", "down", "gate_proj", "up_proj", "down_proj")
-PART_ORDER = ("shared_basis", "expert_coeffs", "indices", "codebooks", "scale_shift", "group_scales", "unquantized")
+PART_ORDER = ("shared_basis", "expert_coeffs", "indices", "codebooks", "scale_shift", "group_scales",
+              "nonexpert_quantized", "unquantized")
 
 
 def category(name: str) -> str:
     """Which part of the storage a packed tensor belongs to ("unquantized" for copied weights)."""
     pieces = name.split(".")
+    if pieces[-1].startswith("weight_"):  # codes, scale, zero of a quantized non-expert linear (kbvq nonexpert)
+        return "nonexpert_quantized"
     if len(pieces) >= 2 and pieces[-1] in CATEGORIES and pieces[-2] in PROJECTION_NAMES:
         return CATEGORIES[pieces[-1]]
     return "unquantized"
@@ -113,7 +116,7 @@ def checkpoint_bytes(source) -> int:
 
 
 def finish_storage(tally: StorageTally, pack_dir: Path, source) -> dict:
-    quantized = sum(count for part, count in tally.bytes.items() if part != "unquantized")
+    quantized = sum(count for part, count in tally.bytes.items() if part not in ("unquantized", "nonexpert_quantized"))
     model_weights = checkpoint_weights(source)
     return {
         "parts": tally.bytes,
@@ -136,7 +139,7 @@ def print_storage(storage: dict, where: Path) -> None:
     table.add_column("part")
     table.add_column("bytes", justify="right")
     for part in PART_ORDER:
-        table.add_row(part, f"{storage['parts'][part]:,}")
+        table.add_row(part, f"{storage['parts'].get(part, 0):,}")
     console.print(table)
     console.print(
         f"bits per expert weight {storage['bits_per_expert_weight']:.4f} (formula "
