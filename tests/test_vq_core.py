@@ -148,3 +148,20 @@ def test_sizes_and_shape_errors():
         to_subvectors(torch.zeros(4, 10), 4)
     with pytest.raises(KbvqError, match="unknown vq backend"):
         make_backend("annoy")
+
+
+def test_the_gpu_cluster_sums_equal_the_cpu_ones():
+    """`sorted_cluster_sums` is what CUDA runs (no atomics); checked here on the CPU against bincount
+    and a float64 loop, with empty clusters."""
+    from stages.vq.core import cluster_sums, sorted_cluster_sums
+
+    generator = torch.Generator().manual_seed(3)
+    points = torch.randn(5000, 4, generator=generator)
+    indices = torch.randint(0, 60, (5000,), generator=generator)
+    indices[indices == 7] = 8  # cluster 7 empty
+    sums, counts = cluster_sums(points, indices, 64)
+    gpu_path = sorted_cluster_sums(points, indices, counts)
+    reference = torch.stack([points.double()[indices == c].sum(0) for c in range(64)])
+    assert torch.allclose(gpu_path, reference, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(sums, reference, rtol=1e-12, atol=1e-12)
+    assert int(counts[7]) == 0 and torch.equal(gpu_path[7], torch.zeros(4, dtype=torch.float64))

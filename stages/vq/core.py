@@ -99,10 +99,16 @@ def cluster_sums(points: torch.Tensor, indices: torch.Tensor, k: int, columns: t
     if points.device.type == "cpu":
         columns = points.double().T.contiguous() if columns is None else columns
         return torch.stack([torch.bincount(indices, weights=col, minlength=k) for col in columns], 1), counts
+    return sorted_cluster_sums(points, indices, counts), counts
+
+
+def sorted_cluster_sums(points: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The GPU path of `cluster_sums` (float64 [k, d]), free of atomics: sort by cluster, then differences
+    of a float64 cumulative sum. Device-independent, so it is tested on the CPU too."""
     order = torch.argsort(indices, stable=True)
     cumulative = torch.nn.functional.pad(points.double()[order].cumsum(0), (0, 0, 1, 0))
     ends = counts.cumsum(0)
-    return cumulative[ends] - cumulative[ends - counts], counts
+    return cumulative[ends] - cumulative[ends - counts]
 
 
 def _update(points: torch.Tensor, indices: torch.Tensor, distances: torch.Tensor, k: int,
