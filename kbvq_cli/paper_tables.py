@@ -179,6 +179,7 @@ def _grid(
     measured: Mapping[MeasuredKey, float],
     rows: Optional[Sequence[RowKey]],
     metrics: Optional[Sequence[str]],
+    labels: Optional[Mapping[str, str]] = None,
 ) -> tuple[list[str], list[list[str]]]:
     """Header and body cells (strings) shared by the rich and markdown renderings."""
     table = str(table)
@@ -194,7 +195,8 @@ def _grid(
         _unique(list(layout.metrics) + [metric for _, _, metric in ours])
     )
     paper = _paper_index(table, model)
-    header = ["Bits", "Method"] + [METRIC_LABELS.get(metric, metric) for metric in metric_keys]
+    names = {**METRIC_LABELS, **(labels or {})}
+    header = ["Bits", "Method"] + [names.get(metric, metric) for metric in metric_keys]
     body = [
         [format_bits(bits), method]
         + [
@@ -213,13 +215,14 @@ def render_table(
     measured: Mapping[MeasuredKey, float],
     rows: Optional[Sequence[RowKey]] = None,
     metrics: Optional[Sequence[str]] = None,
+    labels: Optional[Mapping[str, str]] = None,
 ) -> Table:
     """Paper table `table` for `model` as a rich Table, each cell "ours / paper".
 
     measured maps (bits, method, metric) to our number; bits may be 2, 2.0 or "2". rows and metrics
     default to the paper's layout plus any of our measurements it lacks.
     """
-    header, body = _grid(table, model, measured, rows, metrics)
+    header, body = _grid(table, model, measured, rows, metrics, labels)
     rendered = Table(title=f"Table {table} — {model} (ours / paper)")
     for index, name in enumerate(header):
         rendered.add_column(name, justify="left" if index < 2 else "right")
@@ -234,9 +237,10 @@ def table_to_markdown(
     measured: Mapping[MeasuredKey, float],
     rows: Optional[Sequence[RowKey]] = None,
     metrics: Optional[Sequence[str]] = None,
+    labels: Optional[Mapping[str, str]] = None,
 ) -> str:
     """The same as render_table, as a GitHub markdown table (header, separator, one line per row)."""
-    header, body = _grid(table, model, measured, rows, metrics)
+    header, body = _grid(table, model, measured, rows, metrics, labels)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"

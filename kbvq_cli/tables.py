@@ -137,12 +137,14 @@ def print_table(table: str, model: str, measured: dict, markdown: Path | None = 
 
     rows += [key for key in TABLE_LAYOUTS[table].rows if key not in rows and not model.startswith("testbed")]
     metrics = table_metrics(table, model)
-    console.print(render_table(table, model, measured, rows=rows, metrics=metrics))
+    # The test-beds' perplexity is on their own test split, not WikiText-2 (the caption says which).
+    labels = {"wikitext2_ppl": "PPL"} if model.startswith("testbed") else None
+    console.print(render_table(table, model, measured, rows=rows, metrics=metrics, labels=labels))
     console.print(caption(model), soft_wrap=True)
     if markdown is not None:
         from kbvq_cli.atomic import atomic_write_text
 
-        text = table_to_markdown(table, model, measured, rows=rows, metrics=metrics)
+        text = table_to_markdown(table, model, measured, rows=rows, metrics=metrics, labels=labels)
         atomic_write_text(markdown, text + "\n" + caption(model) + "\n")
 
 
