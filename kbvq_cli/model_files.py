@@ -36,6 +36,17 @@ def resolve_model_path(model: str) -> Path:
         ) from None
 
 
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """Name -> {dtype, shape, data_offsets} of every tensor in a safetensors file, from its header alone."""
+    import struct
+
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
 def _weight_map(path: Path) -> dict[str, str]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -96,6 +107,18 @@ class ModelSource:
             if match:
                 layers.setdefault(int(match.group(1)), []).append(name)
         return layers
+
+    def stored_totals(self) -> tuple[int, int]:
+        """(parameters, bytes of tensor data) in the checkpoint's safetensors files, from their headers."""
+        parameters = data = 0
+        for file in sorted(set(self.weight_map.values())):
+            for entry in safetensors_header(self.path / file).values():
+                count = 1
+                for size in entry["shape"]:
+                    count *= size
+                start, end = entry["data_offsets"]
+                parameters, data = parameters + count, data + end - start
+        return parameters, data
 
     # ---------------------------------------------------------------- reading
     def tensor(self, name: str):

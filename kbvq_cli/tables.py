@@ -77,12 +77,10 @@ def _original_storage(run: Path) -> dict[str, float]:
     """The FP row's bits per weight and size, measured from the checkpoint (32 for a float32 test-bed)."""
     from kbvq_cli.model_files import ModelSource
     from kbvq_cli.recipe import load_recipe
-    from stages.pack.storage import checkpoint_bytes, checkpoint_weights
-
     source = ModelSource(load_recipe(run / "recipe.yaml").model)
-    data = checkpoint_bytes(source)
+    weights, data = source.stored_totals()
     on_disk = sum((source.path / f).stat().st_size for f in set(source.weight_map.values()))
-    return {MEASURED_BITS: 8 * data / checkpoint_weights(source), "size_gb": on_disk / 1e9,
+    return {MEASURED_BITS: 8 * data / weights, "size_gb": on_disk / 1e9,
             "size_mb": on_disk / 1e6, "compress_ratio_pct": 0.0}
 
 

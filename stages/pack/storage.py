@@ -7,8 +7,6 @@ per group of matrices sharing a basis (`stages.pack.layout.formula_groups`).
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,40 +82,9 @@ class StorageTally:
         return tally
 
 
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets} (no tensor is read)."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
-
-
-def checkpoint_weights(source) -> int:
-    """The number of parameters stored in a checkpoint's safetensors files."""
-    total = 0
-    for file in sorted(set(source.weight_map.values())):
-        for entry in safetensors_header(source.path / file).values():
-            count = 1
-            for size in entry["shape"]:
-                count *= size
-            total += count
-    return total
-
-
-def checkpoint_bytes(source) -> int:
-    """Bytes of tensor data in a checkpoint's safetensors files (headers excluded)."""
-    total = 0
-    for file in sorted(set(source.weight_map.values())):
-        for entry in safetensors_header(source.path / file).values():
-            start, end = entry["data_offsets"]
-            total += end - start
-    return total
-
-
 def finish_storage(tally: StorageTally, pack_dir: Path, source) -> dict:
     quantized = sum(count for part, count in tally.bytes.items() if part not in ("unquantized", "nonexpert_quantized"))
-    model_weights = checkpoint_weights(source)
+    model_weights, _ = source.stored_totals()
     return {
         "parts": tally.bytes,
         "expert_weights": tally.expert_weights,

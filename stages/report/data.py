@@ -8,8 +8,6 @@ has already checked that every committed shard is present at its recorded size.
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.experts import LayerExperts, layer_experts
 from kbvq_cli.model_files import ModelSource
+from kbvq_cli.model_files import safetensors_header as read_header
 from kbvq_cli.recipe import RECIPE_FILE, load_recipe
 from kbvq_cli.stage_dir import StageDir, layer_unit
 from stages.calibrate.reader import Calibration
@@ -47,11 +46,7 @@ class TensorInfo:
 
 def safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Name -> TensorInfo of every tensor in a safetensors file, from its header alone."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return {name: TensorInfo(entry["dtype"], tuple(entry["shape"]))
-            for name, entry in header.items() if name != "__metadata__"}
+    return {name: TensorInfo(entry["dtype"], tuple(entry["shape"])) for name, entry in read_header(path).items()}
 
 
 def unit_header(stage_dir: StageDir, unit: str) -> dict[str, TensorInfo]:
@@ -131,8 +126,7 @@ class RunView:
 
     def model_parameters(self) -> int:
         """Number of parameters in the model's safetensors files (headers only)."""
-        return sum(info.numel for file in sorted(set(self.source.weight_map.values()))
-                   for info in safetensors_header(self.source.path / file).values())
+        return self.source.stored_totals()[0]
 
 
 @dataclass(frozen=True)
