@@ -47,6 +47,17 @@ def safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
+def load_tokenizer(path: Path):
+    """The tokenizer of a model directory (original or packed), or a one-line error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as error:  # transformers raises several types for a missing or broken tokenizer
+        raise KbvqError(f"cannot load the tokenizer of {path} ({type(error).__name__}); "
+                        f"the model directory needs its tokenizer files") from None
+
+
 def _weight_map(path: Path) -> dict[str, str]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -149,13 +160,7 @@ class ModelSource:
         self._handles.clear()
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(str(self.path))
-        except Exception as error:
-            raise KbvqError(f"cannot load the tokenizer of {self.path} ({type(error).__name__}); "
-                            f"the model directory needs its tokenizer files") from None
+        return load_tokenizer(self.path)
 
     def fingerprint(self) -> dict:
         """sha256 of config, tokenizer and weight files (weights cached by path, size and mtime)."""

@@ -17,27 +17,12 @@ MEASURED_BITS = "bits_per_weight"  # our measured bits per expert weight, printe
 
 def _eval_summary(run: Path) -> dict | None:
     """The run's eval results for the eval settings its recipe holds, or None if not measured yet."""
-    from kbvq_cli.recipe import load_recipe
-    from kbvq_cli.settings import parse_settings
-    from stages.eval.config import EvalSettings
-    from stages.eval.results import ResultsFile, summary_of
-    from stages.eval.stage import is_packed, model_identity
+    from kbvq_cli.recipe import resolve_stage
+    from stages.eval.stage import recorded_summary
 
-    if not (run / "eval" / "results.json").exists():
+    if not (run / "recipe.yaml").exists():
         return None
-    recipe = load_recipe(run / "recipe.yaml")
-    settings = parse_settings(EvalSettings, recipe.stages.get("eval"), f"{run}/recipe.yaml: eval")
-    if settings.target == "original":
-        from kbvq_cli.model_files import resolve_model_path
-
-        path, packed = resolve_model_path(recipe.model), False
-    else:
-        path, packed = run / "pack", is_packed(run / "pack")
-    results = ResultsFile(run / "eval" / "results.json")
-    identity = model_identity(path, packed)
-    if results.missing(identity, settings):
-        return None
-    return summary_of(results, identity, settings, str(path))
+    return recorded_summary(resolve_stage("eval", run=str(run), recipe_path=None, model=None, overrides={}))
 
 
 def _storage(run: Path) -> dict | None:

@@ -36,21 +36,35 @@ def is_packed(path: Path) -> bool:
     return manifest.exists() and json.loads(manifest.read_text()).get("stage") == "pack"
 
 
-def target_path(resolved: ResolvedStage, model_dir: str | None) -> Path:
-    if model_dir is not None:
-        from kbvq_cli.model_files import resolve_model_path
+def eval_target(resolved: ResolvedStage, model_dir: str | None = None) -> tuple[Path, bool]:
+    """(the model directory to evaluate, whether it is a packed kbvq model): `model_dir` if given, else
+    the run's original checkpoint (`target: original`, the FP row) or its `pack` directory."""
+    from kbvq_cli.model_files import resolve_model_path
 
-        return resolve_model_path(model_dir)
+    if model_dir is not None:
+        path = resolve_model_path(model_dir)
+        return path, is_packed(path)
     if resolved.settings.target == "original":
-        from kbvq_cli.model_files import resolve_model_path
         from kbvq_cli.stage_common import require_model
 
-        return resolve_model_path(require_model(resolved))
-    return resolved.run_dir / "pack"
+        return resolve_model_path(require_model(resolved)), False
+    return resolved.run_dir / "pack", True
+
+
+def recorded_summary(resolved: ResolvedStage) -> dict | None:
+    """The results the run's eval settings ask for, if all are in results.json (nothing is measured)."""
+    path = resolved.run_dir / STAGE / "results.json"
+    if not path.exists():
+        return None
+    target, packed = eval_target(resolved)
+    results, identity = ResultsFile(path), model_identity(target, packed)
+    if results.missing(identity, resolved.settings):
+        return None
+    return summary_of(results, identity, resolved.settings, str(target))
 
 
 def load_model(path: Path, packed: bool, device: str):
-    from kbvq_cli.model_files import ModelSource
+    from kbvq_cli.model_files import ModelSource, load_tokenizer
 
     if packed:
         from kbvq_cli.quantized_model import load_quantized
@@ -61,19 +75,7 @@ def load_model(path: Path, packed: bool, device: str):
 
         ModelSource(str(path))  # refuses unknown architectures and broken configs with a one-line error
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").to(device).eval()
-    return model, _tokenizer(path)
-
-
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    from kbvq_cli.errors import KbvqError
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as error:  # transformers raises several types for a missing or broken tokenizer
-        raise KbvqError(f"cannot load the tokenizer of {path} ({type(error).__name__}); "
-                        f"the model directory needs its tokenizer files") from None
+    return model, load_tokenizer(path)
 
 
 def run(resolved: ResolvedStage, restart: bool = False, model_dir: str | None = None, as_json: bool = False) -> dict:
@@ -82,9 +84,8 @@ def run(resolved: ResolvedStage, restart: bool = False, model_dir: str | None = 
     from kbvq_cli.recipe import save_run_recipe
 
     settings = resolved.settings
-    path = target_path(resolved, model_dir)
+    path, packed = eval_target(resolved, model_dir)
     save_run_recipe(resolved)
-    packed = is_packed(path) or (model_dir is None and settings.target == "packed")
     identity = model_identity(path, packed)
     results = ResultsFile(resolved.run_dir / STAGE / "results.json", restart)
     todo = results.missing(identity, settings)
