@@ -165,6 +165,15 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     return result
 
 
+def quantize_scalar(weight: torch.Tensor, hessian: torch.Tensor, method: str, bits: int, group_size: int,
+                    damp: float = 0.01, act_order: bool = False, block_size: int = 128,
+                    symmetric: bool = False) -> QuantizedLinear:
+    """`quantize_gptq` or `quantize_rtn` by name (`method` "gptq" or "rtn"); RTN ignores the Hessian."""
+    if method == "gptq":
+        return quantize_gptq(weight, hessian, bits, group_size, damp, act_order, block_size, symmetric)
+    return quantize_rtn(weight, bits, group_size, symmetric)
+
+
 def _quantize_columns(work: torch.Tensor, factor: torch.Tensor, bits: int, group_size: int, block_size: int,
                       symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ column loop over `work [oc, ic]` (updated in place), `factor` the upper Cholesky factor of

@@ -26,7 +26,7 @@ from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, up
 from kbvq_cli.stage_dir import layer_unit
 from kbvq_cli.streaming import pick_device
 from stages.calibrate.reader import Calibration, CalibrationLayer
-from stages.gptq.core import dequantize, gptq_bits, quantize_gptq, quantize_rtn
+from stages.gptq.core import QuantizedLinear, dequantize, gptq_bits, quantize_scalar
 from stages.vq.stage import relative_output_error, unit_name
 
 STAGE = "gptq"
@@ -73,21 +73,23 @@ def quantize_expert(experts: LayerExperts, stats: CalibrationLayer, expert, sett
         weight = experts.matrix(projection, expert)
         hessian, fallback = expert_hessian(stats, projection, expert, experts.shared_path)
         starved = starved or fallback
-        if settings.method == "gptq":
-            q = quantize_gptq(weight, hessian, settings.bits, settings.group_size, settings.damp,
-                              settings.act_order, settings.block_size, settings.symmetric)
-        else:
-            q = quantize_rtn(weight, settings.bits, settings.group_size, settings.symmetric)
-        tensors.update({f"{projection}.codes": q.codes, f"{projection}.scale": q.scale,
-                        f"{projection}.zero": q.zero})
-        if q.group_index is not None:
-            tensors[f"{projection}.group_index"] = q.group_index
+        q = quantize_scalar(weight, hessian, settings.method, settings.bits, settings.group_size, settings.damp,
+                            settings.act_order, settings.block_size, settings.symmetric)
+        tensors.update(stored_tensors(q, projection))
         errors[projection] = relative_output_error(weight, dequantize(q), hessian)
         total, count = gptq_bits(*weight.shape, settings.bits, settings.group_size)
         stored_bits, weights = stored_bits + total, weights + count
     tokens = int(stats.expert_input("gate", expert, experts.shared_path).count.sum())
     return tensors, {"output_error": errors, "starved": starved, "tokens": tokens,
                      "storage_bits": stored_bits, "weights": weights}
+
+
+def stored_tensors(q: QuantizedLinear, key: str) -> dict[str, torch.Tensor]:
+    """How a unit stores one quantized matrix: `key.codes`, `key.scale`, `key.zero` (and `key.group_index`)."""
+    tensors = {f"{key}.codes": q.codes, f"{key}.scale": q.scale, f"{key}.zero": q.zero}
+    if q.group_index is not None:
+        tensors[f"{key}.group_index"] = q.group_index
+    return tensors
 
 
 def expert_hessian(stats: CalibrationLayer, projection: str, expert, shared_path: str | None

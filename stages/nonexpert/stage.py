@@ -17,7 +17,8 @@ from kbvq_cli.recipe import ResolvedStage
 from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
 from kbvq_cli.stage_dir import layer_unit
 from stages.calibrate.reader import Calibration
-from stages.gptq.core import dequantize, gptq_bits, quantize_gptq, quantize_rtn
+from stages.gptq.core import dequantize, gptq_bits, quantize_scalar
+from stages.gptq.stage import stored_tensors
 from stages.vq.stage import relative_output_error
 
 STAGE = "nonexpert"
@@ -70,13 +71,9 @@ def quantize_layer(source: ModelSource, calibration: Calibration, index: int, se
     for path in chosen_linears(source, state, settings.modules):
         weight = state[f"{path}.weight"].float()
         hessian = stats.input_moments(f"linear.{path}").second_moment()
-        if settings.method == "gptq":
-            q = quantize_gptq(weight, hessian, settings.bits, settings.group_size, settings.damp, settings.act_order)
-        else:
-            q = quantize_rtn(weight, settings.bits, settings.group_size)
-        tensors.update({f"{path}.codes": q.codes, f"{path}.scale": q.scale, f"{path}.zero": q.zero})
-        if q.group_index is not None:
-            tensors[f"{path}.group_index"] = q.group_index
+        q = quantize_scalar(weight, hessian, settings.method, settings.bits, settings.group_size, settings.damp,
+                            settings.act_order)
+        tensors.update(stored_tensors(q, path))
         total, weights = gptq_bits(*weight.shape, settings.bits, settings.group_size)
         metadata[path] = {"shape": list(weight.shape), "output_error": relative_output_error(weight, dequantize(q),
                                                                                              hessian.float()),
