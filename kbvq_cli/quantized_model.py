@@ -58,10 +58,6 @@ def build_projection(tensors: dict, prefix: str, shape, side: str, width: int, d
                         cast(shared_basis if coeffs is not None else None), cast(expand(coeffs)), side)
 
 
-NONEXPERT_PARTS = {"codes": "weight_codes", "qscale": "weight_scale", "qzero": "weight_zero",
-                   "group_index": "weight_group_index"}
-
-
 def build_scalar_projection(get, shape, bits: int, group_size: int, dtype) -> ScalarProjection:
     """An RTN/GPTQ matrix's module from a packed unit; `get(part)` returns the tensor of part `codes`,
     `qscale`, `qzero` or `group_index` (None if absent). Routed experts carry an expert dim; others get one."""
@@ -115,8 +111,8 @@ def _install_layer(model, adapter, index: int, tensors: dict, metadata: dict, dt
     routed, shared = layer_projections(tensors, metadata, adapter, index, dtype)
     experts_parent, _, experts_name = adapter.experts.rpartition(".")
     original = module_at(layer, adapter.experts)
-    num_experts = len(routed["gate"].codes if hasattr(routed["gate"], "codes") else routed["gate"].indices)
-    replacement = VqExperts(routed["gate"], routed["up"], routed["down"], original.act_fn, num_experts)
+    replacement = VqExperts(routed["gate"], routed["up"], routed["down"], original.act_fn,
+                            routed["gate"].num_experts)
     setattr(module_at(layer, experts_parent), experts_name, replacement)
     if shared:
         shared_module = module_at(layer, metadata["shared_path"])
@@ -133,6 +129,8 @@ def _install_nonexpert(model, adapter, index: int, tensors: dict, metadata: dict
     prefix = f"{adapter.layers_prefix}.{index}."
     for path, meta in metadata.get("nonexpert", {}).items():
         oc, ic = meta["shape"]
+        from stages.pack.layout import NONEXPERT_PARTS
+
         projection = build_scalar_projection(lambda part: tensors.get(f"{prefix}{path}.{NONEXPERT_PARTS[part]}"),
                                              (oc, ic), meta["bits"], meta["group_size"], dtype)
         bias = tensors.get(f"{prefix}{path}.bias")

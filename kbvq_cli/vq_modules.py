@@ -28,6 +28,10 @@ class VqProjection(nn.Module):
                             ("expert_coeffs", expert_coeffs)):
             self.register_buffer(name, value)
 
+    @property
+    def num_experts(self) -> int:
+        return self.indices.shape[0]
+
     def specific_weight(self, expert: int) -> torch.Tensor:
         """`dequant(indices, codebook)` [oc, ic] of one expert."""
         indices = self.indices[expert]
@@ -114,6 +118,10 @@ class ScalarProjection(nn.Module):
         self.register_buffer("zero", zero)
         self.register_buffer("group_index", group_index)
         self.shift = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.codes.shape[0]
 
     def dense_weight(self, expert: int) -> torch.Tensor:
         from stages.gptq.core import QuantizedLinear, dequantize

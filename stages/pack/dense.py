@@ -37,7 +37,7 @@ def _expert_tensors(adapter, index: int, tensors: dict, metadata: dict, dtype) -
     disk_names = dict(zip(PROJECTIONS, adapter.disk_expert_names))
     for projection, module in routed.items():
         shifted |= module.shift is not None and bool(module.shift.abs().max() > 0)
-        for expert in range(len(module.codes if hasattr(module, "codes") else module.indices)):
+        for expert in range(module.num_experts):
             name = f"{prefix}{adapter.experts}.{expert}.{disk_names[projection]}.weight"
             out[disk_name(adapter, name)] = module.dense_weight(expert).to(dtype)
     for projection, module in shared.items():
@@ -48,7 +48,8 @@ def _expert_tensors(adapter, index: int, tensors: dict, metadata: dict, dtype) -
 
 def _nonexpert_tensors(adapter, metadata: dict, tensors: dict, dtype) -> dict:
     """The dequantized weights of the layer's non-expert linears that `kbvq nonexpert` quantized."""
-    from kbvq_cli.quantized_model import NONEXPERT_PARTS, build_scalar_projection
+    from kbvq_cli.quantized_model import build_scalar_projection
+    from stages.pack.layout import NONEXPERT_PARTS
 
     out = {}
     prefix = f"{adapter.layers_prefix}.{metadata.get('layer')}."

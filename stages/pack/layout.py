@@ -22,7 +22,10 @@ from dataclasses import dataclass
 FORMAT = "kbvq"
 FORMAT_VERSION = 1
 REST_UNIT = "model_rest"
-QUANTIZED_PARTS = ("indices", "codebook", "scale", "shift", "shared_basis", "expert_coeffs")
+# A non-expert linear quantized by `kbvq nonexpert` (RTN/GPTQ) replaces `P.weight` by these tensors,
+# named apart from the experts' parts: scalar part -> suffix under the linear's module path `P`.
+NONEXPERT_PARTS = {"codes": "weight_codes", "qscale": "weight_scale", "qzero": "weight_zero",
+                   "group_index": "weight_group_index"}
 
 
 def routed_prefix(layers_prefix: str, experts_path: str, layer: int, projection: str) -> str:

@@ -22,7 +22,7 @@ from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, up
 from kbvq_cli.stage_dir import StageDir, layer_unit
 from stages.klt_svd.reader import KltSvd
 from stages.pack.bitpack import pack_indices
-from stages.pack.layout import FORMAT, FORMAT_VERSION, REST_UNIT, routed_prefix, shared_prefix
+from stages.pack.layout import FORMAT, FORMAT_VERSION, NONEXPERT_PARTS, REST_UNIT, routed_prefix, shared_prefix
 from stages.pack.storage import StorageTally, finish_storage, moe_layer_storage, print_storage
 from stages.vq.reader import VqCodes
 
@@ -58,24 +58,23 @@ class Quantizer:
             self.gptq = GptqCodes(run_dir)
             self.upstream = {"gptq": self.gptq.stage_dir}
             self.layers = sorted({int(name.split(".")[0].split("_")[1]) for name in self.gptq.stage_dir.unit_names()})
-            return
-        self.klt, self.codes = KltSvd(run_dir), VqCodes(run_dir)
-        self.bcos = StageDir.open_finished(run_dir, "bcos")
-        self.upstream = {"klt-svd": self.klt.stage_dir, "vq": self.codes.stage_dir, "bcos": self.bcos}
-        self.layers = self.klt.layers()
-        self.vq_config = self.codes.stage_dir.manifest["config"]
-        self.mode = self.bcos.manifest["config"]["mode"]
+        else:
+            self.klt, self.codes = KltSvd(run_dir), VqCodes(run_dir)
+            self.bcos = StageDir.open_finished(run_dir, "bcos")
+            self.upstream = {"klt-svd": self.klt.stage_dir, "vq": self.codes.stage_dir, "bcos": self.bcos}
+            self.layers = self.klt.layers()
+            self.vq_config = self.codes.stage_dir.manifest["config"]
+            self.mode = self.bcos.manifest["config"]["mode"]
+        self.nonexpert = None  # the layers outside the experts, if `kbvq nonexpert` quantized them
+        if (run_dir / "nonexpert" / "manifest.json").exists():
+            nonexpert = StageDir.open_finished(run_dir, "nonexpert")
+            if nonexpert.unit_names():  # method none quantizes nothing: the pack does not depend on it
+                self.nonexpert = nonexpert
+                self.upstream["nonexpert"] = nonexpert
 
     @classmethod
     def of_run(cls, resolved: ResolvedStage) -> "Quantizer":
-        quantizer = cls(resolved.run_dir, resolved.recipe.method or "kbvq")
-        quantizer.nonexpert = None  # the layers outside the experts, if `kbvq nonexpert` quantized them
-        if (resolved.run_dir / "nonexpert" / "manifest.json").exists():
-            nonexpert = StageDir.open_finished(resolved.run_dir, "nonexpert")
-            if nonexpert.unit_names():  # method none quantizes nothing: the pack does not depend on it
-                quantizer.nonexpert = nonexpert
-                quantizer.upstream["nonexpert"] = nonexpert
-        return quantizer
+        return cls(resolved.run_dir, resolved.recipe.method or "kbvq")
 
     def pack_nonexpert(self, source: ModelSource, index: int, tensors: dict, metadata: dict) -> None:
         """Replace the layer's quantized non-expert weights by their codes (see stages.pack.layout)."""
@@ -84,12 +83,10 @@ class Quantizer:
         config, units = self.nonexpert.manifest["config"], self.nonexpert.read_unit(layer_unit(index))
         linears = self.nonexpert.read_metadata(layer_unit(index))["linears"]
         prefix = f"{source.adapter.layers_prefix}.{index}."
-        for path, info_ in linears.items():
+        for path in linears:
             del tensors[f"{prefix}{path}.weight"]
-            tensors[f"{prefix}{path}.weight_codes"] = pack_indices(units[f"{path}.codes"], config["bits"])
-            for part in ("scale", "zero", "group_index"):
-                if f"{path}.{part}" in units:
-                    tensors[f"{prefix}{path}.weight_{part}"] = units[f"{path}.{part}"]
+            tensors.update({f"{prefix}{path}.{NONEXPERT_PARTS[part]}": tensor
+                            for part, tensor in scalar_parts(units, path, config["bits"]).items()})
         metadata["nonexpert"] = {path: {"shape": meta["shape"], "bits": config["bits"],
                                         "group_size": config["group_size"]} for path, meta in linears.items()}
 
@@ -210,6 +207,16 @@ def pack_moe_layer(source: ModelSource, state: dict, klt: KltSvd, codes: VqCodes
                      "shared_path": shared_path, "shared_stacked": stacked, "corrected": bool(corrections)}
 
 
+def scalar_parts(unit: dict, key: str, bits: int) -> dict:
+    """One RTN/GPTQ matrix of a stage unit (`stages.gptq.stage.stored_tensors`) as the pack stores it:
+    `codes` bit-packed at `bits`, `qscale`, `qzero` (and `group_index`)."""
+    found = {"codes": pack_indices(unit[f"{key}.codes"], bits), "qscale": unit[f"{key}.scale"],
+             "qzero": unit[f"{key}.zero"]}
+    if f"{key}.group_index" in unit:
+        found["group_index"] = unit[f"{key}.group_index"]
+    return found
+
+
 def pack_scalar_layer(source: ModelSource, state: dict, gptq, index: int) -> tuple[dict, dict]:
     """RTN/GPTQ codes of one MoE layer: per projection `codes` bit-packed at `bits`, `qscale` and
     `qzero` 16-bit [oc, G] (and `group_index` [ic] with act_order), with the expert dim for routed experts."""
@@ -217,22 +224,15 @@ def pack_scalar_layer(source: ModelSource, state: dict, gptq, index: int) -> tup
     shared_path = _shared_path(source, state)
     experts = list(range(source.num_experts)) + (["shared"] if shared_path else [])
     units = {e: gptq.expert(index, e) for e in experts}
-    def parts(unit: dict, projection: str) -> dict:
-        found = {"codes": pack_indices(unit[f"{projection}.codes"], bits), "qscale": unit[f"{projection}.scale"],
-                 "qzero": unit[f"{projection}.zero"]}
-        if f"{projection}.group_index" in unit:
-            found["group_index"] = unit[f"{projection}.group_index"]
-        return found
-
     tensors, shapes = {}, {}
     for projection in PROJECTIONS:
-        routed = [parts(units[e], projection) for e in range(source.num_experts)]
+        routed = [scalar_parts(units[e], projection, bits) for e in range(source.num_experts)]
         prefix = routed_prefix(adapter.layers_prefix, adapter.experts, index, projection)
         tensors.update({prefix + part: torch.stack([r[part] for r in routed]) for part in routed[0]})
         shapes[projection] = list(units[0][f"{projection}.codes"].shape)
         if shared_path:
             prefix = shared_prefix(adapter.layers_prefix, shared_path, index, projection)
-            tensors.update({prefix + part: t for part, t in parts(units[SHARED], projection).items()})
+            tensors.update({prefix + part: t for part, t in scalar_parts(units[SHARED], projection, bits).items()})
             shapes[f"shared.{projection}"] = list(units[SHARED][f"{projection}.codes"].shape)
     return tensors, {"moe": True, "format": "scalar", "bits": bits, "group_size": gptq.group_size,
                      "shapes": shapes, "shared_path": shared_path}
