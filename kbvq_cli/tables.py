@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kbvq_cli.catalogue import MODELS, TABLE_ROWS, VARIANTS, Row, recipe_path
+from kbvq_cli.catalogue import MODELS, TABLE_ROWS, VARIANTS, recipe_path
 from kbvq_cli.errors import KbvqError
 
 MEASURED_BITS = "bits_per_weight"  # our measured bits per expert weight, printed in every table
@@ -86,7 +86,7 @@ def run_table(table: str, model: str, run_missing: bool = True) -> dict:
     for row in TABLE_ROWS[table]:
         run = Path(f"runs/{model}/{row.variant}")
         values = measured_row(run, row.variant)
-        if run_missing and not _complete(values, table, row):
+        if run_missing and not _complete(values):
             info(f"[bold]=== table {table}, {model}: {row.variant}[/bold]")
             run = run_recipe(str(recipe_path(model, row.variant)), None)
             values = measured_row(run, row.variant)
@@ -94,8 +94,8 @@ def run_table(table: str, model: str, run_missing: bool = True) -> dict:
     return measured
 
 
-def _complete(values: dict, table: str, row: Row) -> bool:
-    return "wikitext2_ppl" in values and (MEASURED_BITS in values)
+def _complete(values: dict) -> bool:
+    return "wikitext2_ppl" in values and MEASURED_BITS in values
 
 
 def table_metrics(table: str, model: str) -> list[str]:
@@ -113,11 +113,9 @@ def _is_task(metric: str) -> bool:
 
 def print_table(table: str, model: str, measured: dict, markdown: Path | None = None) -> None:
     from kbvq_cli.console import console
-    from kbvq_cli.paper_tables import render_table, table_to_markdown
+    from kbvq_cli.paper_tables import TABLE_LAYOUTS, render_table, table_to_markdown
 
     rows = [(row.bits, row.method) for row in TABLE_ROWS[table]]
-    from kbvq_cli.paper_tables import TABLE_LAYOUTS
-
     rows += [key for key in TABLE_LAYOUTS[table].rows if key not in rows and not model.startswith("testbed")]
     metrics = table_metrics(table, model)
     # The test-beds' perplexity is on their own test split, not WikiText-2 (the caption says which).
