@@ -80,6 +80,14 @@ def test_formula_bits_equal_packed_bits(bits, dim, tiny_model_dir, calib_text, t
     assert config["quantization_config"]["bits"] == bits and config["quantization_config"]["vector_length"] == dim
 
 
+def test_formula_counts_an_output_side_shared_part(tiny_model_dir, calib_text, tmp_path):
+    """`--down output` shares a k x oc basis with k x ic coefficients: the formula must count that side."""
+    run = tmp_path / "run"
+    quantize(tiny_model_dir("mixtral"), calib_text, run, down="output")
+    storage = StageDir.open_finished(run, "pack").manifest["summary"]["storage"]
+    assert abs(storage["bits_per_expert_weight"] - storage["formula_bits_per_expert_weight"]) < 0.01
+
+
 def test_storage_parts_match_the_shards(tiny_model_dir, calib_text, tmp_path):
     from stages.pack.storage import category
 

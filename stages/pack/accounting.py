@@ -31,11 +31,14 @@ class ProjectionBits:
 
 
 def projection_bits(n: int, oc: int, ic: int, rank: int, bits: int, dim: int,
-                    corrected: bool = True, with_basis: bool = True) -> ProjectionBits:
+                    corrected: bool = True, with_basis: bool = True, side: str = "input") -> ProjectionBits:
     """`with_basis=False` for matrices whose coefficients use another group's basis (a shared expert
-    of another size stacked with the routed experts): only their `16 k n oc` coefficient bits count."""
+    of another size stacked with the routed experts): only their `16 k n oc` coefficient bits count.
+    `side="output"` for a part shared on its output side (`klt-svd --down output`): its basis is
+    `k x oc` and its coefficients `k x ic`, so the shared term is `16 k (oc + n ic)`."""
+    basis_width, coeff_width = (ic, oc) if side == "input" else (oc, ic)
     return ProjectionBits(
-        shared=16 * rank * ((ic if with_basis else 0) + n * oc),
+        shared=16 * rank * ((basis_width if with_basis else 0) + n * coeff_width),
         indices=n * oc * ic * bits,
         codebooks=n * (2 ** (bits * dim)) * dim * 16,
         corrections=n * 2 * oc * 16 if corrected else 0,

@@ -45,6 +45,7 @@ class FormulaGroup:
     ic: int
     rank: int
     with_basis: bool = True  # False: coefficients against another group's shared basis
+    side: str = "input"  # which side of the matrices the basis is shared on (klt-svd's part metadata)
 
 
 def formula_groups(shapes: dict, parts: dict, num_experts: int, has_shared: bool,
@@ -52,16 +53,18 @@ def formula_groups(shapes: dict, parts: dict, num_experts: int, has_shared: bool
     """The groups of one MoE layer. shapes: projection -> (oc, ic) of routed experts, and
     "shared.<projection>" -> (oc, ic) of the shared expert; parts: klt-svd's part metadata."""
     rank = lambda name: int(parts[name]["rank"]) if name in parts else 0  # noqa: E731
+    side = lambda name: parts.get(name, {}).get("side", "input")  # noqa: E731
     groups = []
     for projection in ("gate", "up", "down"):
         oc, ic = shapes[projection]
-        groups.append(FormulaGroup(num_experts, oc, ic, rank(projection)))
+        groups.append(FormulaGroup(num_experts, oc, ic, rank(projection), side=side(projection)))
         if has_shared:
             # A stacked shared expert (gate/up) shares the routed basis: METHOD.md §5 with n = E + 1
             # when its size equals the routed experts'; otherwise it adds only its own coefficients.
             soc, sic = shapes[f"shared.{projection}"]
             if shared_stacked.get(projection, False):
-                groups.append(FormulaGroup(1, soc, sic, rank(projection), with_basis=False))
+                groups.append(FormulaGroup(1, soc, sic, rank(projection), with_basis=False, side=side(projection)))
             else:
-                groups.append(FormulaGroup(1, soc, sic, rank(f"shared.{projection}")))
+                name = f"shared.{projection}"
+                groups.append(FormulaGroup(1, soc, sic, rank(name), side=side(name)))
     return groups

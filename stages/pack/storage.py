@@ -53,7 +53,7 @@ def moe_layer_storage(tensors: dict, metadata: dict, vq_config: dict, corrected:
                                 metadata["shared_stacked"])
         for group in groups:
             counted = projection_bits(group.n, group.oc, group.ic, group.rank, vq_config["bits"], vq_config["dim"],
-                                      corrected=corrected, with_basis=group.with_basis)
+                                      corrected=corrected, with_basis=group.with_basis, side=group.side)
             storage["expert_weights"] += counted.weights
             storage["formula_bits"] += counted.total
     return storage

@@ -9,7 +9,7 @@ at 16 bits, and every parameter of the model that no vq unit quantizes at 16 bit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kbvq_cli.experts import PROJECTIONS
 from kbvq_cli.stage_dir import layer_unit
@@ -130,9 +130,7 @@ def formula_bits(view: RunView, bits: int, dim: int) -> tuple[int, int]:
             oc, columns = shapes[f"{projection}.indices"].shape
             ic, part = columns * dim, parts.get(projection, {})
             rank = int(part.get("rank", 0))
-            counted = projection_bits(experts, oc, ic, rank, bits, dim)
-            if part.get("side") == "output":
-                counted = replace(counted, shared=16 * rank * (oc + experts * ic))
+            counted = projection_bits(experts, oc, ic, rank, bits, dim, side=part.get("side", "input"))
             total_bits += counted.total
             total_weights += counted.weights
     return total_bits, total_weights
