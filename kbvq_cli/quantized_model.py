@@ -36,40 +36,44 @@ def pack_directory(path: str | Path) -> StageDir:
     return stage_dir
 
 
-def build_projection(tensors: dict, prefix: str, shape, side: str, width: int, dtype, basis=None) -> VqProjection:
-    """One projection's module from a packed unit. Routed tensors carry an expert dim; a shared expert's
-    do not (they are given one). `basis` supplies the routed shared_basis to a stacked shared expert."""
+def _expert_dim(routed: bool):
+    """Routed tensors carry an expert dim; a shared expert's or a non-expert linear's are given one."""
+    return (lambda t: t) if routed else (lambda t: None if t is None else t.unsqueeze(0))
+
+
+def _unpacked(packed: torch.Tensor, width: int, count: int, routed: bool) -> torch.Tensor:
+    """Bit-packed rows (one per expert) -> int64 [n, count]."""
     from stages.pack.bitpack import unpack_indices
 
+    return torch.stack([unpack_indices(row, width, count) for row in _expert_dim(routed)(packed)])
+
+
+def build_projection(tensors: dict, prefix: str, shape, side: str, width: int, dtype, basis=None) -> VqProjection:
+    """One projection's module from a packed unit. `basis` supplies the routed shared_basis to a stacked
+    shared expert."""
     oc, ic = shape
-    codebook = tensors[prefix + "codebook"]
-    routed = codebook.dim() == 3
-    expand = (lambda t: t) if routed else (lambda t: None if t is None else t.unsqueeze(0))  # noqa: E731
-    codebook = expand(codebook)
-    packed = tensors[prefix + "indices"]
-    packed = packed if routed else packed.unsqueeze(0)
-    count = oc * ic // codebook.shape[-1]
-    indices = torch.stack([unpack_indices(row, width, count) for row in packed]).to(torch.int32)
+    routed = tensors[prefix + "codebook"].dim() == 3
+    expand = _expert_dim(routed)
+    codebook = expand(tensors[prefix + "codebook"])
+    dim = codebook.shape[-1]
+    indices = _unpacked(tensors[prefix + "indices"], width, oc * ic // dim, routed).to(torch.int32)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     shared_basis = tensors.get(prefix + "shared_basis", basis)
     coeffs = tensors.get(prefix + "expert_coeffs")
-    return VqProjection(indices.reshape(-1, oc, ic // codebook.shape[-1]), cast(codebook),
+    return VqProjection(indices.reshape(-1, oc, ic // dim), cast(codebook),
                         cast(expand(tensors.get(prefix + "scale"))), cast(expand(tensors.get(prefix + "shift"))),
                         cast(shared_basis if coeffs is not None else None), cast(expand(coeffs)), side)
 
 
 def build_scalar_projection(get, shape, bits: int, group_size: int, dtype) -> ScalarProjection:
     """An RTN/GPTQ matrix's module from a packed unit; `get(part)` returns the tensor of part `codes`,
-    `qscale`, `qzero` or `group_index` (None if absent). Routed experts carry an expert dim; others get one."""
-    from stages.pack.bitpack import unpack_indices
-
+    `qscale`, `qzero` or `group_index` (None if absent)."""
     oc, ic = shape
-    scale = get("qscale")
-    routed = scale.dim() == 3
-    expand = (lambda t: t) if routed else (lambda t: None if t is None else t.unsqueeze(0))  # noqa: E731
-    packed = get("codes") if routed else get("codes").unsqueeze(0)
-    codes = torch.stack([unpack_indices(row, bits, oc * ic) for row in packed]).to(torch.uint8).reshape(-1, oc, ic)
-    return ScalarProjection(codes, expand(scale), expand(get("qzero")), group_size, expand(get("group_index")), dtype)
+    routed = get("qscale").dim() == 3
+    expand = _expert_dim(routed)
+    codes = _unpacked(get("codes"), bits, oc * ic, routed).to(torch.uint8).reshape(-1, oc, ic)
+    return ScalarProjection(codes, expand(get("qscale")), expand(get("qzero")), group_size, expand(get("group_index")),
+                            dtype)
 
 
 def layer_projections(tensors: dict, metadata: dict, adapter, index: int, dtype) -> tuple[dict, dict]:
