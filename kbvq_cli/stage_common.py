@@ -25,15 +25,12 @@ def config_as_recorded(path, config: dict, settings) -> dict:
     """A run made before a setting existed stays valid while that setting keeps its default: the config
     is compared (and hashed) without such keys, so upgrading kbvq does not invalidate finished work."""
     import dataclasses
-    import json
 
-    manifest = path / "manifest.json"
-    if not manifest.exists():
+    from kbvq_cli.stage_dir import MANIFEST, read_manifest
+
+    if not (path / MANIFEST).exists():
         return config
-    try:
-        recorded = json.loads(manifest.read_text()).get("config", {})
-    except ValueError:
-        return config  # unreadable: open_for_write reports it
+    recorded = read_manifest(path).get("config", {})  # an unreadable manifest is reported here, as on open
     defaults = {field.name: field.default for field in dataclasses.fields(settings)}
     added = set(config) - set(recorded)
     if not added or not set(recorded) <= set(config):
