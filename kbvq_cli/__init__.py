@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # `from kbvq_cli import load_quantized` without importing torch at package import time.
     if name == "load_quantized":
-        from kbvq_cli.quantized_model import load_quantized
+        from kbvq_cli.packed.loader import load_quantized
 
         return load_quantized
     raise AttributeError(name)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from kbvq_cli.model_files import ModelSource
+from kbvq_cli.units import SHARED, expert_ids
 
 PROJECTIONS = ("gate", "up", "down")
-SHARED = "shared"
+__all__ = ["PROJECTIONS", "SHARED", "LayerExperts", "layer_experts", "routed_tokens"]
 
 
 @dataclass
@@ -31,7 +32,7 @@ class LayerExperts:
         return self.shared[projection] if expert == SHARED else self.routed[projection][expert]
 
     def expert_ids(self) -> list:
-        return list(range(self.num_experts)) + ([SHARED] if self.shared else [])
+        return expert_ids(self.num_experts, bool(self.shared))
 
 
 def layer_experts(source: ModelSource, index: int, dtype=torch.float32, device="cpu") -> LayerExperts | None:
@@ -51,3 +52,14 @@ def layer_experts(source: ModelSource, index: int, dtype=torch.float32, device="
             shared_path = path
             shared = {p: state[f"{path}.{p}_proj.weight"].to(device=device, dtype=dtype) for p in PROJECTIONS}
     return LayerExperts(routed, shared, shared_path)
+
+
+def routed_tokens(top_k_index: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
+    """Token indices routed to each expert, ascending. top_k_index [T, k] int -> E tensors of int64."""
+    token_of = torch.arange(top_k_index.shape[0], device=top_k_index.device).repeat_interleave(top_k_index.shape[1])
+    flat = top_k_index.reshape(-1)
+    valid = flat < num_experts  # some routers mark dropped slots with index == num_experts
+    flat, token_of = flat[valid], token_of[valid]
+    order = torch.argsort(flat * top_k_index.shape[0] + token_of)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return list(torch.split(token_of[order], counts))

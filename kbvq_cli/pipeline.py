@@ -13,7 +13,7 @@ from pathlib import Path
 from kbvq_cli.console import console, info
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.recipe import load_recipe, model_short_name, resolve_stage, validate_recipe
-from kbvq_cli.registry import METHODS, STAGES
+from kbvq_cli.registry import STAGES, pipeline_stages
 from kbvq_cli.settings import settings_dict
 
 
@@ -27,7 +27,7 @@ def run_recipe(recipe_path: str, run: str | None, *, dry_run: bool = False) -> P
     if recipe.model is None:
         raise KbvqError(f"recipe {recipe_path} names no model; add `model: ID_OR_DIR`")
     run_dir = run_dir_of(recipe, run)
-    stages = METHODS[recipe.method or "kbvq"]
+    stages = pipeline_stages(recipe.method or "kbvq")
     if dry_run:
         console.print(f"recipe {recipe_path} is valid: model {recipe.model}, method {recipe.method or 'kbvq'}, "
                       f"run {run_dir}" + (f", calibration from {recipe.calibration}" if recipe.calibration else ""))

@@ -246,11 +246,6 @@ class StageDir:
             self._commit()
 
 
-def layer_unit(index: int) -> str:
-    """The unit name of decoder layer `index`, shared by every per-layer stage and its readers."""
-    return f"layer_{index:03d}"
-
-
 def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((Path(path) / MANIFEST).read_text())

@@ -1,6 +1,6 @@
 """METHOD.md §5 formula against the paper's worked example (Appendix A.5)."""
 
-from stages.pack.accounting import projection_bits
+from kbvq_cli.packed.storage import projection_bits
 
 
 def test_paper_worked_example():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kbvq_cli.errors import KbvqError
-from stages.pack.bitpack import pack_indices, packed_size, unpack_indices
+from kbvq_cli.packed.bitpack import pack_indices, packed_size, unpack_indices
 
 
 @pytest.mark.parametrize("width", [4, 6, 8, 12, 16, 1, 13])

@@ -6,7 +6,7 @@ import torch
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.settings import parse_settings
 from stages.gptq.config import GptqSettings
-from stages.gptq.core import (QuantizedLinear, column_groups, dequantize, gptq_bits, num_groups, quantize_gptq,
+from kbvq_cli.scalar_quant import (QuantizedLinear, column_groups, dequantize, gptq_bits, num_groups, quantize_gptq,
                               quantize_rtn)
 
 

@@ -18,11 +18,11 @@ from kbvq_cli.model_files import ModelSource
 from kbvq_cli.recipe import ResolvedStage, load_recipe
 from kbvq_cli.settings import parse_settings
 from resume_util import shard_hashes
-from stages.calibrate.reader import Calibration, CalibrationLayer
+from stages.calibrate.reader import CalibLayerMeta, Calibration, CalibrationLayer
 from stages.gptq.config import GptqSettings
 from stages.gptq.reader import GptqCodes
 from stages.gptq.stage import expert_hessian, run
-from stages.vq.stage import relative_output_error
+from kbvq_cli.output_error import relative_output_error
 
 LAYERS, EXPERTS = (0, 1), list(range(8)) + [SHARED]
 
@@ -52,7 +52,7 @@ def gptq(run_dir, restart=False, **settings) -> dict:
 
 def output_errors(run_dir) -> dict[str, list[float]]:
     codes = GptqCodes(run_dir)
-    return {p: [codes.metadata(i, e)["output_error"][p] for i in LAYERS for e in EXPERTS] for p in PROJECTIONS}
+    return {p: [codes.metadata(i, e).output_error[p] for i in LAYERS for e in EXPERTS] for p in PROJECTIONS}
 
 
 def test_gptq_beats_rtn_per_projection_and_units_reconstruct(calibrated, tmp_path):
@@ -74,12 +74,13 @@ def test_gptq_beats_rtn_per_projection_and_units_reconstruct(calibrated, tmp_pat
         for projection in PROJECTIONS:
             weight = experts.matrix(projection, expert)
             oc, ic = weight.shape
-            assert unit[f"{projection}.codes"].dtype == torch.uint8 and unit[f"{projection}.codes"].shape == (oc, ic)
-            assert unit[f"{projection}.scale"].dtype == torch.float16
-            assert unit[f"{projection}.zero"].shape == (oc, -(-ic // 32))  # shared down: ic 48, groups 32 + 16
+            q = unit.matrices[projection]
+            assert q.codes.dtype == torch.uint8 and q.codes.shape == (oc, ic)
+            assert q.scale.dtype == torch.float16
+            assert q.zero.shape == (oc, -(-ic // 32))  # shared down: ic 48, groups 32 + 16
             second = stats.expert_input(projection, expert, experts.shared_path).second_moment()
-            error = relative_output_error(weight, codes.dequantized_matrix(unit, projection), second)
-            assert error == pytest.approx(codes.metadata(1, expert)["output_error"][projection], rel=1e-9)
+            error = relative_output_error(weight, unit.matrix(projection), second)
+            assert error == pytest.approx(codes.metadata(1, expert).output_error[projection], rel=1e-9)
 
 
 def test_rerun_is_a_no_op_and_fresh_runs_are_bit_identical(calibrated, tmp_path):
@@ -92,8 +93,8 @@ def test_rerun_is_a_no_op_and_fresh_runs_are_bit_identical(calibrated, tmp_path)
     assert {path.name: path.stat().st_mtime_ns for path in (first / "gptq").iterdir()} == stamps
     gptq(second, bits=3, group_size=16, act_order=True)
     assert shard_hashes(first / "gptq") == shard_hashes(second / "gptq")
-    unit = GptqCodes(first).expert(0, 3)
-    assert unit["gate.group_index"].dtype == torch.int32 and unit["gate.group_index"].shape == (64,)
+    group_index = GptqCodes(first).expert(0, 3).matrices["gate"].group_index
+    assert group_index.dtype == torch.int32 and group_index.shape == (64,)
     assert load_recipe(first / "recipe.yaml").model is not None  # saving the run recipe kept it readable
     with pytest.raises(KbvqError, match="--restart"):
         gptq(first, bits=2, group_size=16, act_order=True)
@@ -123,7 +124,7 @@ def test_starved_experts_use_the_pooled_second_moments(calibrated):
     tensors["experts.gate_up.count"] = tensors["experts.gate_up.count"].clone()
     tensors["experts.gate_up.count"][2] = 0  # routed no tokens
     del tensors["experts.down.sum_xxT"]  # calibrated with expert_second_moments: false
-    hollow = CalibrationLayer(0, tensors, {"inputs": layer.inputs, "moe": True})
+    hollow = CalibrationLayer(0, tensors, CalibLayerMeta(0, True, layer.inputs))
     gate, starved = expert_hessian(hollow, "gate", 2, None)
     assert starved and torch.equal(gate, layer.input_moments("block").second_moment())
     down, starved = expert_hessian(hollow, "down", 5, None)

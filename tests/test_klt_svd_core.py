@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kbvq_cli.errors import KbvqError
-from stages.klt_svd.core import (damped_klt, decompose, identity_klt, output_error, select_rank, shared_part)
+from kbvq_cli.output_error import output_error
+from stages.klt_svd.core import damped_klt, decompose, identity_klt, select_rank, shared_part
 
 G = torch.Generator().manual_seed(0)
 

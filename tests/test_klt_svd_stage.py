@@ -29,7 +29,7 @@ def test_klt_svd_writes_parts_that_reconstruct(model_type, tiny_model_dir, calib
     source = ModelSource(str(model_dir))
     for index in klt.layers():
         parts, experts = klt.layer(index), layer_experts(source, index)
-        assert parts.parts["gate"]["rank"] == 4 and parts.parts["down"]["side"] == "input"
+        assert parts.parts["gate"].rank == 4 and parts.parts["down"].side == "input"
         for projection in ("gate", "up", "down"):
             for expert in experts.expert_ids():
                 weight = experts.matrix(projection, expert)
@@ -52,7 +52,7 @@ def test_rank_zero_and_down_options(tiny_model_dir, calib_text, tmp_path):
                                "--restart"])
     assert redo.exit_code == 0, redo.output
     parts = KltSvd(run).layer(0)
-    assert parts.parts["down"]["side"] == "output" and parts.parts["gate"]["klt"] is False
+    assert parts.parts["down"].side == "output" and parts.parts["gate"].klt is False
     assert parts.tensors["down.shared_basis"].shape == (2, 64)
 
 

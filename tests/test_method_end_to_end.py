@@ -8,7 +8,7 @@ from kbvq_cli.app import app
 from kbvq_cli.experts import layer_experts
 from kbvq_cli.model_files import ModelSource
 from resume_util import kill_after_units, run_to_end, shard_hashes
-from stages.bcos.stage import quantized_layer
+from stages.bcos.reader import BcosCorrections
 from stages.klt_svd.reader import KltSvd
 from stages.vq.reader import VqCodes
 from tiny_models import build_tiny_model, write_text
@@ -52,12 +52,12 @@ def output_error(run, model_dir, inputs) -> float:
     from kbvq_cli.stage_dir import StageDir
 
     source, klt, codes = ModelSource(str(model_dir)), KltSvd(run), VqCodes(run)
-    bcos = StageDir.open_finished(run, "bcos")
+    bcos = BcosCorrections(run)
     total = 0.0
     for index, (x, routing) in inputs.items():
         experts = layer_experts(source, index)
-        quantized = quantized_layer(experts, klt, codes, index, "cpu")
-        corrections = bcos.read_unit(f"layer_{index:03d}")
+        quantized = codes.quantized_layer(experts, klt, index, "cpu")
+        corrections = bcos.layer(index)
         for e in range(experts.num_experts):
             tokens = (routing == e).any(1)
             xe = x[tokens]
@@ -65,8 +65,8 @@ def output_error(run, model_dir, inputs) -> float:
             h = torch.nn.functional.silu(xe @ w_gate.T) * (xe @ w_up.T)
             for projection, inp in (("gate", xe), ("up", xe), ("down", h)):
                 y = inp @ experts.matrix(projection, e).T
-                scale = corrections[f"{projection}.scale"][e].float()
-                shift = corrections[f"{projection}.shift"][e].float()
+                scale = corrections.of(projection, e).scale.float()
+                shift = corrections.of(projection, e).shift.float()
                 y_corr = (1 + scale) * (inp @ quantized[(projection, e)].T) + shift
                 total += float((y_corr - y).pow(2).sum())
     return total

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from kbvq_cli.app import app
 from kbvq_cli.model_files import ModelSource
-from kbvq_cli.stage_dir import StageDir, layer_unit
+from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.units import layer_unit
 from stages.nonexpert.stage import chosen_linears
 
 runner = CliRunner()
@@ -48,7 +49,8 @@ def test_quantized_attention_packs_loads_and_exports(method, tiny_model_dir, cal
     from transformers import AutoModelForCausalLM
 
     from kbvq_cli import load_quantized
-    from stages.gptq.reader import dequantized_matrix
+    from kbvq_cli.scalar_quant import dequantize
+    from stages.nonexpert.reader import NonExpertCodes
 
     model_dir, run = tiny_model_dir("qwen2_moe"), tmp_path / "run"
     quantized_run(model_dir, calib_text, run, "--method", method, "--bits", 4, "--group-size", 32)
@@ -58,11 +60,11 @@ def test_quantized_attention_packs_loads_and_exports(method, tiny_model_dir, cal
         got = packed(input_ids=ids).logits
         invoke("pack", "--run", run, "--dense")
         dense_model = AutoModelForCausalLM.from_pretrained(str(run / "dense"), dtype=torch.float32)
-        nonexpert = StageDir.open_finished(run, "nonexpert")
+        nonexpert = NonExpertCodes(run)
         for index, layer in enumerate(dense_model.model.layers):
-            unit = nonexpert.read_unit(layer_unit(index))
+            matrices = nonexpert.layer(index)
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):  # the export holds the dequantized attention
-                expected = dequantized_matrix(unit, f"self_attn.{name}", 32)
+                expected = dequantize(matrices[f"self_attn.{name}"])
                 assert torch.allclose(getattr(layer.self_attn, name).weight, expected)
         original = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     assert packed.model.layers[0].self_attn.q_proj.bias is not None  # Qwen's q/k/v biases kept

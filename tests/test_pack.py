@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from kbvq_cli.app import app
 from kbvq_cli.model_files import ModelSource
-from kbvq_cli.stage_dir import StageDir, layer_unit
+from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.units import layer_unit
 from tiny_models import CONFIGS
 
 runner = CliRunner()
@@ -35,18 +36,17 @@ def fake_quantized_model(model_dir, run, bcos=None):
 
     from kbvq_cli.experts import layer_experts
     from stages.bcos.propagate import install_corrections
-    from stages.bcos.stage import quantized_layer
+    from stages.bcos.reader import BcosCorrections
     from stages.klt_svd.reader import KltSvd
     from stages.vq.reader import VqCodes
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, experts_implementation="eager")
     source, klt, codes = ModelSource(str(model_dir)), KltSvd(run), VqCodes(run)
-    bcos = bcos or StageDir.open_finished(run, "bcos")
+    layer_corrections = bcos or BcosCorrections(run).layer
     for index in klt.layers():
         experts = layer_experts(source, index)
-        quantized = quantized_layer(experts, klt, codes, index, "cpu")
-        install_corrections(model.model.layers[index], source.adapter, experts, quantized,
-                            bcos.read_unit(layer_unit(index)))
+        quantized = codes.quantized_layer(experts, klt, index, "cpu")
+        install_corrections(model.model.layers[index], source.adapter, experts, quantized, layer_corrections(index))
     return model.eval()
 
 
@@ -89,7 +89,7 @@ def test_formula_counts_an_output_side_shared_part(tiny_model_dir, calib_text, t
 
 
 def test_storage_parts_match_the_shards(tiny_model_dir, calib_text, tmp_path):
-    from stages.pack.storage import category
+    from kbvq_cli.packed.storage import category
 
     run = tmp_path / "run"
     quantize(tiny_model_dir("qwen2_moe"), calib_text, run)
@@ -156,13 +156,16 @@ def test_out_copy_loads_and_dense_export_matches(tiny_model_dir, calib_text, tmp
         assert "shifts" in result.output and "dropped" in result.output
         dense = AutoModelForCausalLM.from_pretrained(str(run / "dense"), dtype=torch.float32,
                                                      experts_implementation="eager")(input_ids=ids).logits
-        bcos = StageDir.open_finished(run, "bcos")
-        unshifted = {}
-        for index in range(CONFIGS["qwen3_moe"]["num_hidden_layers"]):
-            unit = bcos.read_unit(layer_unit(index))
-            unshifted[index] = {k: (torch.zeros_like(v) if k.endswith("shift") else v) for k, v in unit.items()}
-        bcos.read_unit = lambda name: unshifted[int(name.split("_")[1])]
-        reference = fake_quantized_model(model_dir, run, bcos)(input_ids=ids).logits
+        from stages.bcos.reader import BcosCorrections, BcosLayerUnit
+
+        bcos = BcosCorrections(run)
+
+        def unshifted(index):
+            tensors = bcos.layer(index).to_tensors()
+            return BcosLayerUnit.from_tensors({k: (torch.zeros_like(v) if k.endswith("shift") else v)
+                                               for k, v in tensors.items()})
+
+        reference = fake_quantized_model(model_dir, run, unshifted)(input_ids=ids).logits
     assert torch.allclose(dense, reference, atol=1e-4, rtol=1e-4), (dense - reference).abs().max()
     assert "quantization_config" not in json.loads((run / "dense" / "config.json").read_text())
 
@@ -193,15 +196,14 @@ def test_packed_scalar_baselines_equal_their_dequantized_weights(method, model_t
         with torch.no_grad():
             for e in range(experts.gate_up_proj.shape[0]):
                 unit = codes.expert(index, e)
-                experts.gate_up_proj[e] = torch.cat([codes.dequantized_matrix(unit, "gate"),
-                                                     codes.dequantized_matrix(unit, "up")])
-                experts.down_proj[e] = codes.dequantized_matrix(unit, "down")
+                experts.gate_up_proj[e] = torch.cat([unit.matrix("gate"), unit.matrix("up")])
+                experts.down_proj[e] = unit.matrix("down")
             for path in adapter.shared_experts:
                 shared = getattr(layer.mlp, path.split(".")[-1], None)
                 if shared is not None:
                     unit = codes.expert(index, SHARED)
                     for projection in ("gate", "up", "down"):
-                        getattr(shared, f"{projection}_proj").weight.copy_(codes.dequantized_matrix(unit, projection))
+                        getattr(shared, f"{projection}_proj").weight.copy_(unit.matrix(projection))
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
         expected, got = reference(input_ids=ids).logits, load_quantized(run)(input_ids=ids).logits

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from kbvq_cli.app import app
 from kbvq_cli.errors import KbvqError
-from kbvq_cli.stage_dir import StageDir, layer_unit
+from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.units import layer_unit
 from stages.bcos.core import input_moments
-from stages.pack.accounting import projection_bits
+from kbvq_cli.packed.storage import projection_bits
 from stages.report.build import choose_layers, default_layers, write_report
 from stages.report.core import output_similarity, pooled_channel_stats
 

@@ -18,12 +18,12 @@ import torch
 from kbvq_cli.activations import commit_layer, resume_activations
 from kbvq_cli.console import progress_bar
 from kbvq_cli.corrected_experts import CorrectedExperts, corrected_linear, fold
-from kbvq_cli.experts import PROJECTIONS, SHARED, LayerExperts, layer_experts
-from kbvq_cli.stage_dir import layer_unit
+from kbvq_cli.experts import PROJECTIONS, SHARED, LayerExperts, layer_experts, routed_tokens
+from kbvq_cli.moments import input_moments
 from kbvq_cli.streaming import LayerStreamer, module_at
-from stages.bcos.core import bcos_correction, input_moments
-from stages.bcos.stage import STORE_DTYPE, expert_input_moments, quantized_layer
-from stages.calibrate.core import routed_tokens
+from kbvq_cli.units import layer_unit
+from stages.bcos.core import bcos_correction
+from stages.bcos.reader import STORE_DTYPE, BcosLayerMeta, BcosLayerUnit, Correction
 
 
 def _moments_of(x: torch.Tensor):
@@ -33,7 +33,7 @@ def _moments_of(x: torch.Tensor):
 
 def _correct(experts, quantized, stats, projection, expert, q_input, settings):
     return bcos_correction(experts.matrix(projection, expert), quantized[(projection, expert)],
-                           expert_input_moments(stats, experts, expert, projection), _moments_of(q_input),
+                           stats.expert_input_moments(expert, projection, experts.shared_path), _moments_of(q_input),
                            mode=settings.mode, min_tokens=settings.min_tokens, min_std_ratio=settings.min_std_ratio)
 
 
@@ -43,7 +43,7 @@ def _apply(weight, correction, x):
 
 
 def layer_corrections(experts: LayerExperts, quantized: dict, stats, x: torch.Tensor, routing: torch.Tensor,
-                      act_fns: dict, settings) -> tuple[dict, dict]:
+                      act_fns: dict, settings) -> tuple[BcosLayerUnit, list[str]]:
     """Corrections of one MoE layer from its quantized-stream block input `x [T, H]` and routing `[T, k]`."""
     tokens_of = routed_tokens(routing, experts.num_experts)
     per_projection = {p: {} for p in PROJECTIONS}
@@ -59,19 +59,19 @@ def layer_corrections(experts: LayerExperts, quantized: dict, stats, x: torch.Te
             per_projection[projection][expert] = correction
         if gate.starved:
             starved.append(str(expert))
-    tensors = {}
+    routed, shared = {}, {}
     for projection, corrections in per_projection.items():
-        routed = [corrections[e] for e in range(experts.num_experts)]
-        tensors[f"{projection}.scale"] = torch.stack([c.scale for c in routed]).to(STORE_DTYPE)
-        tensors[f"{projection}.shift"] = torch.stack([c.shift for c in routed]).to(STORE_DTYPE)
+        found = [corrections[e] for e in range(experts.num_experts)]
+        routed[projection] = Correction(torch.stack([c.scale for c in found]), torch.stack([c.shift for c in found]))
         if SHARED in corrections:
-            tensors[f"{SHARED}.{projection}.scale"] = corrections[SHARED].scale.to(STORE_DTYPE)
-            tensors[f"{SHARED}.{projection}.shift"] = corrections[SHARED].shift.to(STORE_DTYPE)
-    return tensors, {"starved": starved, "flat_channels": 0, "error_before": None, "error_after": None}
+            shared[projection] = Correction(corrections[SHARED].scale, corrections[SHARED].shift)
+    return BcosLayerUnit(routed, shared), starved
 
 
-def install_corrections(layer, adapter, experts: LayerExperts, quantized: dict, tensors: dict) -> None:
+def install_corrections(layer, adapter, experts: LayerExperts, quantized: dict, unit: BcosLayerUnit) -> None:
     """Replace the layer's experts by the quantized, corrected ones (as the packed model computes them)."""
+    tensors = unit.to_tensors()  # the stored 16-bit values, as the packed model will hold them
+
     def stored(name):
         return tensors[name].float().to(quantized[("gate", 0)].device)
 
@@ -128,19 +128,20 @@ def run_propagated(stage_dir, source, calibration, klt, codes, settings, device)
         task = progress.add_task("bcos --propagate layers", total=source.num_layers, completed=start)
         for index in range(start, source.num_layers):
             layer = streamer.build_layer(index)
-            tensors = metadata = None
+            unit = None
             if index in moe_layers:
                 experts = layer_experts(source, index, torch.float32, device)
-                quantized = quantized_layer(experts, klt, codes, index, device)
+                quantized = codes.quantized_layer(experts, klt, index, device)
                 x, routing = capture_block_inputs(streamer, layer, index, hidden, batch_size, device)
                 act_fns = {"routed": module_at(layer, source.adapter.experts).act_fn}
                 if experts.shared:
                     act_fns[SHARED] = module_at(layer, experts.shared_path).act_fn
-                tensors, metadata = layer_corrections(experts, quantized, calibration.layer(index, device), x,
-                                                      routing, act_fns, settings)
-                install_corrections(layer, source.adapter, experts, quantized, tensors)
+                corrections, starved = layer_corrections(experts, quantized, calibration.layer(index, device), x,
+                                                         routing, act_fns, settings)
+                install_corrections(layer, source.adapter, experts, quantized, corrections)
+                unit = (layer_unit(index), corrections.to_tensors(),
+                        BcosLayerMeta(index, starved, 0, None, None).to_json())
             last = index + 1 == source.num_layers
             hidden = hidden if last else run_stream(streamer, layer, index, hidden, batch_size, device)
-            unit = None if tensors is None else (layer_unit(index), tensors, {"layer": index, **metadata})
             commit_layer(stage_dir, index, unit, None if last else hidden, {})
             progress.advance(task)

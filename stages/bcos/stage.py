@@ -12,84 +12,57 @@ pass through the already-quantized earlier layers instead (see `stages.bcos.prop
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from kbvq_cli.console import info, progress_bar, warn
-from kbvq_cli.errors import KbvqError
+from kbvq_cli.console import progress_bar, warn
 from kbvq_cli.experts import PROJECTIONS, SHARED, LayerExperts, layer_experts
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.recipe import ResolvedStage
-from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
-from kbvq_cli.stage_dir import layer_unit
+from kbvq_cli.stage_run import StageRun, require_model
 from kbvq_cli.streaming import pick_device
-from stages.bcos.core import InputMoments, bcos_correction, input_moments
+from kbvq_cli.units import layer_unit
+from stages.bcos.config import BcosSettings
+from stages.bcos.core import bcos_correction
+from stages.bcos.propagate import run_propagated
+from stages.bcos.reader import STAGE, BcosLayerMeta, BcosLayerUnit, Correction
 from stages.calibrate.reader import Calibration, CalibrationLayer
 from stages.klt_svd.reader import KltSvd
-from stages.vq.reader import VqCodes, quantized_matrix
-
-STAGE = "bcos"
-STORE_DTYPE = torch.float16
+from stages.vq.reader import VqCodes
 
 
 def run(resolved: ResolvedStage, restart: bool = False) -> dict:
-    settings = resolved.settings
+    settings: BcosSettings = resolved.settings
     calibration, klt, codes = Calibration(resolved.run_dir), KltSvd(resolved.run_dir), VqCodes(resolved.run_dir)
     source = ModelSource(require_model(resolved))
     device = pick_device(settings.device)
-    upstream = {"calibrate": calibration.stage_dir, "klt-svd": klt.stage_dir, "vq": codes.stage_dir}
-    inputs = {"upstream": upstream_inputs(upstream), "model": source.fingerprint()}
-    stage_dir = open_stage(resolved, STAGE, hashed_settings(settings), inputs, restart)
-    if stage_dir.complete:
-        info(f"bcos: already complete in {stage_dir.path}")
-        return stage_dir.manifest["summary"]
-    started, layers = time.time(), klt.layers()
+    stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint())
+    if stage.complete:
+        return stage.skip()
+    layers = klt.layers()
     if settings.propagate:
-        from stages.bcos.propagate import run_propagated
-
-        run_propagated(stage_dir, source, calibration, klt, codes, settings, device)
-        return _finish(stage_dir, layers, time.time() - started)
+        run_propagated(stage.dir, source, calibration, klt, codes, settings, device)
+        return _finish(stage, layers)
     with progress_bar() as progress:
         task = progress.add_task("bcos layers", total=len(layers))
         for index in layers:
             name = layer_unit(index)
-            if not stage_dir.has_unit(name):
+            if not stage.dir.has_unit(name):
                 experts = layer_experts(source, index, torch.float32, device)
-                quantized = quantized_layer(experts, klt, codes, index, device)
-                stats = calibration.layer(index, device)
-                tensors, metadata = correct_layer(experts, quantized, stats, settings)
-                stage_dir.write_unit(name, tensors, {"layer": index, **metadata})
+                quantized = codes.quantized_layer(experts, klt, index, device)
+                unit, meta = correct_layer(experts, quantized, calibration.layer(index, device), index, settings)
+                stage.dir.write_unit(name, unit.to_tensors(), meta.to_json())
             progress.advance(task)
-    return _finish(stage_dir, layers, time.time() - started)
+    return _finish(stage, layers)
 
 
-def quantized_layer(experts: LayerExperts, klt: KltSvd, codes: VqCodes, index: int, device) -> dict:
-    """(projection, expert) -> What [oc, ic] float32 for every expert of the layer."""
-    parts, out = klt.layer(index, device), {}
-    for expert in experts.expert_ids():
-        unit = codes.expert(index, expert, device)
-        for projection in PROJECTIONS:
-            shape = tuple(experts.matrix(projection, expert).shape)
-            out[(projection, expert)] = quantized_matrix(unit, parts, projection, expert, shape)
-    return out
-
-
-def expert_input_moments(stats: CalibrationLayer, experts: LayerExperts, expert, projection: str) -> InputMoments:
-    """The full-precision input moments of one expert's projection (its routed tokens)."""
-    moments = stats.expert_input(projection, expert, experts.shared_path)
-    if moments.sum_xxT is None:
-        raise KbvqError("closed-form BCOS needs per-expert second moments; rerun `kbvq calibrate --restart` with "
-                        "expert_second_moments: true in the recipe")
-    return input_moments(moments.sum_x, moments.sum_xxT, moments.count.sum())
-
-
-def correct_layer(experts: LayerExperts, quantized: dict, stats: CalibrationLayer, settings) -> tuple[dict, dict]:
-    tensors, starved, before, after, flat = {}, set(), [], [], 0
+def correct_layer(experts: LayerExperts, quantized: dict, stats: CalibrationLayer, index: int,
+                  settings: BcosSettings) -> tuple[BcosLayerUnit, BcosLayerMeta]:
+    """Closed-form corrections of every expert projection of one MoE layer."""
+    routed, shared, starved, before, after, flat = {}, {}, set(), [], [], 0
     for projection in PROJECTIONS:
         scales, shifts = [], []
         for expert in experts.expert_ids():
-            full_moments = expert_input_moments(stats, experts, expert, projection)
+            full_moments = stats.expert_input_moments(expert, projection, experts.shared_path)
             correction = bcos_correction(experts.matrix(projection, expert), quantized[(projection, expert)],
                                          full_moments, mode=settings.mode,
                                          min_tokens=settings.min_tokens, min_std_ratio=settings.min_std_ratio)
@@ -100,33 +73,29 @@ def correct_layer(experts: LayerExperts, quantized: dict, stats: CalibrationLaye
                 after.append(correction.error_after)
             flat += correction.flat_channels
             if expert == SHARED:
-                tensors[f"{SHARED}.{projection}.scale"] = correction.scale.to(STORE_DTYPE)
-                tensors[f"{SHARED}.{projection}.shift"] = correction.shift.to(STORE_DTYPE)
+                shared[projection] = Correction(correction.scale, correction.shift)
             else:
                 scales.append(correction.scale)
                 shifts.append(correction.shift)
-        tensors[f"{projection}.scale"] = torch.stack(scales).to(STORE_DTYPE)
-        tensors[f"{projection}.shift"] = torch.stack(shifts).to(STORE_DTYPE)
-    metadata = {"starved": sorted(starved), "flat_channels": flat,
-                "error_before": sum(before) / len(before) if before else None,
-                "error_after": sum(after) / len(after) if after else None}
-    return tensors, metadata
+        routed[projection] = Correction(torch.stack(scales), torch.stack(shifts))
+    meta = BcosLayerMeta(index, sorted(starved), flat, sum(before) / len(before) if before else None,
+                         sum(after) / len(after) if after else None)
+    return BcosLayerUnit(routed, shared), meta
 
 
-def _finish(stage_dir, layers: list[int], seconds: float) -> dict:
-    metas = [stage_dir.read_metadata(layer_unit(i)) for i in layers]
-    before = [m["error_before"] for m in metas if m["error_before"] is not None]
-    after = [m["error_after"] for m in metas if m["error_after"] is not None]
-    starved = {str(i): m["starved"] for i, m in zip(layers, metas) if m["starved"]}
+def _finish(stage: StageRun, layers: list[int]) -> dict:
+    metas = [BcosLayerMeta.from_json(stage.dir.read_metadata(layer_unit(i))) for i in layers]
+    before = [m.error_before for m in metas if m.error_before is not None]
+    after = [m.error_after for m in metas if m.error_after is not None]
+    starved = {str(m.layer): m.starved for m in metas if m.starved}
+    seconds = stage.seconds
     summary = {"layers": len(layers), "seconds": round(seconds, 3), "starved_experts": starved,
                "mean_relative_output_error_before": round(sum(before) / len(before), 6) if before else None,
                "mean_relative_output_error_after": round(sum(after) / len(after), 6) if after else None}
-    stage_dir.finish(summary)
     if starved:
         warn(f"bcos: experts with fewer than the minimum tokens keep the identity correction: {starved}")
+    message = f"bcos: {len(layers)} layers in {seconds:.1f}s"
     if before:
-        info(f"bcos: {len(layers)} layers in {seconds:.1f}s; mean relative output error "
-             f"{summary['mean_relative_output_error_before']:.5f} -> {summary['mean_relative_output_error_after']:.5f}")
-    else:
-        info(f"bcos: {len(layers)} layers in {seconds:.1f}s")
-    return summary
+        message += (f"; mean relative output error {summary['mean_relative_output_error_before']:.5f} -> "
+                    f"{summary['mean_relative_output_error_after']:.5f}")
+    return stage.finish(summary, message)

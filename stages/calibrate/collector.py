@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 
 from kbvq_cli.streaming import module_at
-from stages.calibrate.core import MomentSums, expert_intermediate, routed_tokens
+from stages.calibrate.reader import CalibLayerMeta
+from kbvq_cli.experts import routed_tokens
+from stages.calibrate.core import MomentSums, expert_intermediate
 
 BLOCK = "block"
 
@@ -107,8 +109,8 @@ class LayerStatsCollector:
             out.update(self.down.release("experts.down", dtype))
         return out
 
-    def metadata(self) -> dict:
-        return {"inputs": dict(sorted(self.alias.items())), "moe": self.gate_up is not None}
+    def metadata(self, index: int) -> CalibLayerMeta:
+        return CalibLayerMeta(index, self.gate_up is not None, dict(self.alias))
 
     def starved_experts(self, min_tokens: int) -> list[int]:
         if self.gate_up is None:

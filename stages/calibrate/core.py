@@ -45,17 +45,6 @@ class MomentSums:
         return out
 
 
-def routed_tokens(top_k_index: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
-    """Token indices routed to each expert, ascending. top_k_index [T, k] int -> E tensors of int64."""
-    token_of = torch.arange(top_k_index.shape[0], device=top_k_index.device).repeat_interleave(top_k_index.shape[1])
-    flat = top_k_index.reshape(-1)
-    valid = flat < num_experts  # some routers mark dropped slots with index == num_experts
-    flat, token_of = flat[valid], token_of[valid]
-    order = torch.argsort(flat * top_k_index.shape[0] + token_of)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    return list(torch.split(token_of[order], counts))
-
-
 def expert_intermediate(x: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
     """The `down` input of one expert: act(gate x) * (up x). x [T, H], gate_up [2I, H] -> [T, I]."""
     gate, up = (x @ gate_up.T).chunk(2, dim=-1)

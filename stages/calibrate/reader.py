@@ -1,4 +1,11 @@
-"""Read `calibrate`'s shards for later stages: moments by consumer name, resolving shared inputs."""
+"""Read `calibrate`'s shards for later stages: moments by consumer name, resolving shared inputs.
+
+The shard schema (written by `stages.calibrate.collector`, read only here): per input space `S`,
+`moments.S.sum_x`, `moments.S.sum_xxT`, `moments.S.count`; per-expert `experts.gate_up.*` and
+`experts.down.*` (sum_x [E, D], sum_xxT [E, D, D] when kept, count [E]) and
+`experts.down.pooled_sum_xxT`; `router.load`. The metadata (`CalibLayerMeta`) maps each consumer
+("block", "linear.<path>") to the input space it reads.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,9 @@ from pathlib import Path
 import torch
 
 from kbvq_cli.errors import KbvqError
-from kbvq_cli.stage_dir import StageDir, layer_unit
+from kbvq_cli.moments import InputMoments, input_moments
+from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.units import layer_unit
 
 BLOCK = "block"
 
@@ -26,12 +35,26 @@ class Moments:
         return self.sum_xxT.double() / max(int(self.count.sum()) - 1, 1)
 
 
+@dataclass(frozen=True)
+class CalibLayerMeta:
+    layer: int
+    moe: bool
+    inputs: dict[str, str]  # consumer -> input space whose moments it reads
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CalibLayerMeta":
+        return cls(int(data["layer"]), bool(data.get("moe")), dict(data.get("inputs", {})))
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "moe": self.moe, "inputs": dict(sorted(self.inputs.items()))}
+
+
 class CalibrationLayer:
-    def __init__(self, index: int, tensors: dict[str, torch.Tensor], metadata: dict):
+    def __init__(self, index: int, tensors: dict[str, torch.Tensor], meta: CalibLayerMeta):
         self.index = index
         self.tensors = tensors
-        self.inputs: dict[str, str] = metadata.get("inputs", {})
-        self.is_moe = bool(metadata.get("moe"))
+        self.inputs: dict[str, str] = meta.inputs
+        self.is_moe = meta.moe
 
     def input_moments(self, consumer: str) -> Moments:
         """Moments of the input of `consumer`: "block" or "linear.<module path in the layer>"."""
@@ -63,6 +86,14 @@ class CalibrationLayer:
         second = stacked.sum_xxT[expert] if stacked.sum_xxT is not None else None
         return Moments(stacked.sum_x[expert], second, stacked.count[expert])
 
+    def expert_input_moments(self, expert, projection: str, shared_path: str | None) -> InputMoments:
+        """Mean and covariance of one expert's `projection` input over its routed tokens (closed-form BCOS)."""
+        moments = self.expert_input(projection, expert, shared_path)
+        if moments.sum_xxT is None:
+            raise KbvqError("closed-form BCOS needs per-expert second moments; rerun `kbvq calibrate --restart` "
+                            "with expert_second_moments: true in the recipe")
+        return input_moments(moments.sum_x, moments.sum_xxT, moments.count.sum())
+
     @property
     def router_load(self) -> torch.Tensor:
         return self.tensors["router.load"]
@@ -79,8 +110,13 @@ class Calibration:
         return len(self.stage_dir.unit_names())
 
     def layer(self, index: int, device: str = "cpu") -> CalibrationLayer:
-        name = layer_unit(index)
-        return CalibrationLayer(index, self.stage_dir.read_unit(name, device), self.stage_dir.read_metadata(name))
+        return CalibrationLayer(index, self.stage_dir.read_unit(layer_unit(index), device), self.layer_meta(index))
+
+    def layer_meta(self, index: int) -> CalibLayerMeta:
+        return CalibLayerMeta.from_json(self.stage_dir.read_metadata(layer_unit(index)))
+
+    def layer_is_moe(self, index: int) -> bool:
+        return self.layer_meta(index).moe
 
     def tokens(self) -> torch.Tensor:
         return self.stage_dir.read_aux("tokens")["input_ids"]

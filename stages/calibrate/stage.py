@@ -9,7 +9,6 @@ Directory `RUN/calibrate/`:
 
 from __future__ import annotations
 
-import time
 
 import torch
 
@@ -19,21 +18,22 @@ from kbvq_cli.data import data_fingerprint, load_documents, sample_sequences
 from kbvq_cli.hashing import sha256_bytes
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.recipe import ResolvedStage
-from kbvq_cli.stage_dir import StageDir, layer_unit
+from kbvq_cli.units import layer_unit
 from kbvq_cli.streaming import LayerStreamer, pick_device
-from kbvq_cli.stage_common import hashed_settings, open_stage
+from kbvq_cli.stage_run import StageRun
+from stages.calibrate.config import CalibrateSettings
 from stages.calibrate.collector import LayerStatsCollector
 
 STAGE = "calibrate"
 
 
-def _calibration_tokens(source: ModelSource, settings) -> torch.Tensor:
+def _calibration_tokens(source: ModelSource, settings: CalibrateSettings) -> torch.Tensor:
     documents = load_documents(settings.data, settings.text_field)
     return sample_sequences(documents, source.tokenizer(), settings.samples, settings.seqlen, settings.seed)
 
 
 def run(resolved: ResolvedStage, restart: bool = False) -> dict:
-    settings = resolved.settings
+    settings: CalibrateSettings = resolved.settings
     if resolved.model is None:
         from kbvq_cli.errors import KbvqError
 
@@ -41,28 +41,23 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     source = ModelSource(resolved.model)
     device = pick_device(settings.device)
     tokens = _calibration_tokens(source, settings)
-    inputs = {
-        "model": source.fingerprint(),
-        "data": data_fingerprint(settings.data),
-        "tokens_sha256": sha256_bytes(tokens.numpy().tobytes()),
-        "compute": torch.device(device).type,
-    }
-    stage_dir = open_stage(resolved, STAGE, hashed_settings(settings), inputs, restart)
-    if stage_dir.complete:
-        info(f"calibrate: already complete in {stage_dir.path}")
-        return stage_dir.manifest["summary"]
-    if "tokens" not in stage_dir.manifest["aux"]:
-        stage_dir.commit_aux({"tokens": stage_dir.write_aux("tokens", {"input_ids": tokens})})
-    torch.set_float32_matmul_precision("highest")  # TF32 off: METHOD.md §1 wants true float32 products
-    return _calibrate_layers(stage_dir, source, settings, tokens, device)
+    stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint(), data=data_fingerprint(settings.data),
+                          tokens_sha256=sha256_bytes(tokens.numpy().tobytes()), compute=torch.device(device).type)
+    if stage.complete:
+        return stage.skip()
+    if "tokens" not in stage.dir.manifest["aux"]:
+        stage.dir.commit_aux({"tokens": stage.dir.write_aux("tokens", {"input_ids": tokens})})
+    torch.set_float32_matmul_precision("highest")  # TF32 off: docs/method.md §1 wants true float32 products
+    return _calibrate_layers(stage, source, settings, tokens, device)
 
 
-def _calibrate_layers(stage_dir, source, settings, tokens, device) -> dict:
+def _calibrate_layers(stage: StageRun, source: ModelSource, settings: CalibrateSettings, tokens, device) -> dict:
+    stage_dir = stage.dir
     streamer = LayerStreamer(source, device)
     start, hidden = resume_activations(stage_dir, lambda: streamer.embed(tokens))
     if start:
         info(f"calibrate: resuming at layer {start} of {source.num_layers}")
-    started, starved = time.time(), dict(stage_dir.manifest["state"].get("starved", {}))
+    starved = dict(stage_dir.manifest["state"].get("starved", {}))
     dtype = getattr(torch, settings.moments_dtype)
     with progress_bar() as progress:
         task = progress.add_task("calibrate layers", total=source.num_layers, completed=start)
@@ -77,12 +72,12 @@ def _calibrate_layers(stage_dir, source, settings, tokens, device) -> dict:
             if starved_here:
                 starved[str(index)] = starved_here
             stats = collector.release_tensors(dtype)
-            unit = (layer_unit(index), stats, {"layer": index, **collector.metadata()})
+            unit = (layer_unit(index), stats, collector.metadata(index).to_json())
             last = index + 1 == source.num_layers  # the last layer's output is not needed by anything
             commit_layer(stage_dir, index, unit, None if last else hidden, {"starved": starved})
             del layer, collector
             progress.advance(task)
-    return _finish(stage_dir, source, starved, time.time() - started, start)
+    return _finish(stage, source, starved, start)
 
 
 @torch.no_grad()
@@ -97,7 +92,8 @@ def _forward_layer(streamer, layer, index, hidden, batch_size, device) -> torch.
     return output
 
 
-def _finish(stage_dir: StageDir, source: ModelSource, starved: dict, seconds: float, start: int) -> dict:
+def _finish(stage: StageRun, source: ModelSource, starved: dict, start: int) -> dict:
+    stage_dir, seconds = stage.dir, stage.seconds
     layers_done = source.num_layers - start
     total_bytes = sum(record["bytes"] for record in stage_dir.manifest["units"].values())
     summary = {
@@ -107,11 +103,9 @@ def _finish(stage_dir: StageDir, source: ModelSource, starved: dict, seconds: fl
         "starved_experts": starved,
         "bytes": total_bytes,
     }
-    stage_dir.finish(summary)
     if starved:
         count = sum(len(experts) for experts in starved.values())
         warn(f"calibrate: {count} expert(s) in {len(starved)} layer(s) got few tokens; their corrections stay "
              f"identity (see {stage_dir.path}/manifest.json, state.starved)")
-    info(f"calibrate: {source.num_layers} layers in {seconds:.1f}s, {total_bytes / 2**20:.1f} MiB of statistics "
-         f"in {stage_dir.path}")
-    return summary
+    return stage.finish(summary, f"calibrate: {source.num_layers} layers in {seconds:.1f}s, "
+                                 f"{total_bytes / 2**20:.1f} MiB of statistics in {stage_dir.path}")

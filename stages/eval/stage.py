@@ -21,7 +21,7 @@ STAGE = "eval"
 def model_identity(path: Path, packed: bool) -> dict:
     """What the results belong to: the pack's manifest hash, or the checkpoint's file hashes."""
     if packed:
-        from kbvq_cli.quantized_model import pack_directory
+        from kbvq_cli.packed.loader import pack_directory
 
         return {"kind": "packed", "pack": pack_directory(path).manifest_hash()}
     from kbvq_cli.model_files import ModelSource
@@ -45,7 +45,7 @@ def eval_target(resolved: ResolvedStage, model_dir: str | None = None) -> tuple[
         path = resolve_model_path(model_dir)
         return path, is_packed(path)
     if resolved.settings.target == "original":
-        from kbvq_cli.stage_common import require_model
+        from kbvq_cli.stage_run import require_model
 
         return resolve_model_path(require_model(resolved)), False
     return resolved.run_dir / "pack", True
@@ -67,7 +67,7 @@ def load_model(path: Path, packed: bool, device: str):
     from kbvq_cli.model_files import ModelSource, load_tokenizer
 
     if packed:
-        from kbvq_cli.quantized_model import load_quantized
+        from kbvq_cli.packed.loader import load_quantized
 
         model = load_quantized(path, device=device)
     else:

@@ -2,7 +2,7 @@
 
 One unit per expert, named like vq's: `RUN/gptq/layer_NNN.expert_EEE.safetensors` (and
 `layer_NNN.shared` for a shared expert) holding, for each projection `P` of `gate`, `up`, `down`:
-`P.codes` uint8 [oc, ic], `P.scale` and `P.zero` float16 [oc, G] (stages/gptq/core.py has the format),
+`P.codes` uint8 [oc, ic], `P.scale` and `P.zero` float16 [oc, G] (the schema of `stages.gptq.reader.ScalarExpertUnit`),
 and `P.group_index` int32 [ic] with act_order in groups. GPTQ's Hessian of an expert matrix is the second
 moment of that expert's own input over its routed tokens; an expert with no routed tokens (or a run
 calibrated without per-expert second moments) falls back to the pooled one (the MoE block input for
@@ -14,44 +14,38 @@ second moment, and the unit's storage bits.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from kbvq_cli.console import info, progress_bar
-from kbvq_cli.experts import PROJECTIONS, SHARED, LayerExperts, layer_experts
+from kbvq_cli.console import progress_bar
+from kbvq_cli.experts import PROJECTIONS, LayerExperts, layer_experts
 from kbvq_cli.model_files import ModelSource
+from kbvq_cli.output_error import relative_output_error
 from kbvq_cli.recipe import ResolvedStage
-from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
-from kbvq_cli.stage_dir import layer_unit
+from kbvq_cli.scalar_quant import dequantize, gptq_bits, quantize_scalar
+from kbvq_cli.stage_run import StageRun, require_model
 from kbvq_cli.streaming import pick_device
+from kbvq_cli.units import expert_ids, expert_unit
 from stages.calibrate.reader import Calibration, CalibrationLayer
-from stages.gptq.core import QuantizedLinear, dequantize, gptq_bits, quantize_scalar
-from stages.vq.stage import relative_output_error, unit_name
-
-STAGE = "gptq"
+from stages.gptq.config import GptqSettings
+from stages.gptq.reader import STAGE, ScalarExpertMeta, ScalarExpertUnit
 
 
 def run(resolved: ResolvedStage, restart: bool = False) -> dict:
-    settings = resolved.settings
+    settings: GptqSettings = resolved.settings
     calibration = Calibration(resolved.run_dir)
     source = ModelSource(require_model(resolved))
     device = pick_device(settings.device)
     # CPU and CUDA round the float32 updates differently: where it ran is part of what it computed
-    inputs = {"upstream": upstream_inputs({"calibrate": calibration.stage_dir}), "model": source.fingerprint(),
-              "compute": torch.device(device).type}
-    stage_dir = open_stage(resolved, STAGE, hashed_settings(settings), inputs, restart)
-    if stage_dir.complete:
-        info(f"gptq: already complete in {stage_dir.path}")
-        return stage_dir.manifest["summary"]
-    layers = [i for i in range(source.num_layers) if calibration.stage_dir.read_metadata(layer_unit(i))["moe"]]
-    expert_ids = list(range(source.num_experts)) + ([SHARED] if source.adapter.shared_experts else [])
-    started = time.time()
+    stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint(), compute=torch.device(device).type)
+    if stage.complete:
+        return stage.skip()
+    layers = [i for i in range(source.num_layers) if calibration.layer_is_moe(i)]
+    all_experts = expert_ids(source.num_experts, bool(source.adapter.shared_experts))
     with progress_bar() as progress:
-        task = progress.add_task(f"{settings.method} experts", total=len(layers) * len(expert_ids))
+        task = progress.add_task(f"{settings.method} experts", total=len(layers) * len(all_experts))
         for index in layers:
-            todo = [e for e in expert_ids if not stage_dir.has_unit(unit_name(index, e))]
-            progress.advance(task, len(expert_ids) - len(todo))
+            todo = [e for e in all_experts if not stage.dir.has_unit(expert_unit(index, e))]
+            progress.advance(task, len(all_experts) - len(todo))
             if not todo:
                 continue
             experts = layer_experts(source, index, torch.float32, device)
@@ -59,37 +53,28 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
             for expert in todo:
                 progress.update(task, description=f"{settings.method} layer {index} expert {expert}")
                 if expert in experts.expert_ids():  # e.g. no shared expert in this layer
-                    tensors, metadata = quantize_expert(experts, stats, expert, settings)
-                    stage_dir.write_unit(unit_name(index, expert), tensors, {"layer": index, "expert": expert,
-                                                                             **metadata})
+                    unit, meta = quantize_expert(experts, stats, index, expert, settings)
+                    stage.dir.write_unit(expert_unit(index, expert), unit.to_tensors(), meta.to_json())
                 progress.advance(task)
-    return _finish(stage_dir, settings, len(layers), time.time() - started)
+    return _finish(stage, settings, len(layers))
 
 
-def quantize_expert(experts: LayerExperts, stats: CalibrationLayer, expert, settings) -> tuple[dict, dict]:
-    """All projections of one expert: (tensors for its unit, metadata)."""
-    tensors, errors, starved, stored_bits, weights = {}, {}, False, 0, 0
+def quantize_expert(experts: LayerExperts, stats: CalibrationLayer, layer: int, expert, settings: GptqSettings
+                    ) -> tuple[ScalarExpertUnit, ScalarExpertMeta]:
+    """All projections of one expert: its unit and metadata."""
+    matrices, errors, starved, stored_bits, weights = {}, {}, False, 0, 0
     for projection in PROJECTIONS:
         weight = experts.matrix(projection, expert)
         hessian, fallback = expert_hessian(stats, projection, expert, experts.shared_path)
         starved = starved or fallback
         q = quantize_scalar(weight, hessian, settings.method, settings.bits, settings.group_size, settings.damp,
                             settings.act_order, settings.block_size, settings.symmetric)
-        tensors.update(stored_tensors(q, projection))
+        matrices[projection] = q
         errors[projection] = relative_output_error(weight, dequantize(q), hessian)
         total, count = gptq_bits(*weight.shape, settings.bits, settings.group_size)
         stored_bits, weights = stored_bits + total, weights + count
     tokens = int(stats.expert_input("gate", expert, experts.shared_path).count.sum())
-    return tensors, {"output_error": errors, "starved": starved, "tokens": tokens,
-                     "storage_bits": stored_bits, "weights": weights}
-
-
-def stored_tensors(q: QuantizedLinear, key: str) -> dict[str, torch.Tensor]:
-    """How a unit stores one quantized matrix: `key.codes`, `key.scale`, `key.zero` (and `key.group_index`)."""
-    tensors = {f"{key}.codes": q.codes, f"{key}.scale": q.scale, f"{key}.zero": q.zero}
-    if q.group_index is not None:
-        tensors[f"{key}.group_index"] = q.group_index
-    return tensors
+    return ScalarExpertUnit(matrices), ScalarExpertMeta(layer, expert, errors, starved, tokens, stored_bits, weights)
 
 
 def expert_hessian(stats: CalibrationLayer, projection: str, expert, shared_path: str | None
@@ -104,18 +89,17 @@ def expert_hessian(stats: CalibrationLayer, projection: str, expert, shared_path
     return stats.input_moments("block").second_moment(), True
 
 
-def _finish(stage_dir, settings, layers: int, seconds: float) -> dict:
-    metas = [stage_dir.read_metadata(name) for name in stage_dir.unit_names()]
-    errors = [value for meta in metas for value in meta["output_error"].values()]
-    starved = [f"{meta['layer']}.{meta['expert']}" for meta in metas if meta["starved"]]
-    bits = sum(meta["storage_bits"] for meta in metas) / max(sum(meta["weights"] for meta in metas), 1)
-    summary = {"layers": layers, "units": len(metas), "seconds": round(seconds, 3),
+def _finish(stage: StageRun, settings: GptqSettings, layers: int) -> dict:
+    metas = [ScalarExpertMeta.from_json(stage.dir.read_metadata(name)) for name in stage.dir.unit_names()]
+    errors = [value for meta in metas for value in meta.output_error.values()]
+    starved = [f"{meta.layer}.{meta.expert}" for meta in metas if meta.starved]
+    bits = sum(meta.storage_bits for meta in metas) / max(sum(meta.weights for meta in metas), 1)
+    summary = {"layers": layers, "units": len(metas), "seconds": round(stage.seconds, 3),
                "mean_relative_output_error": round(sum(errors) / max(len(errors), 1), 6),
                "bits_per_expert_weight": round(bits, 4), "starved": starved}
-    stage_dir.finish(summary)
     grouping = f"groups of {settings.group_size}" if settings.group_size else "per channel"
-    info(f"gptq: {layers} layers, {len(metas)} experts in {seconds:.1f}s, {settings.method} at {settings.bits} bits "
-         f"({grouping}, {bits:.3f} bits per weight stored); mean relative output error "
-         f"{summary['mean_relative_output_error']:.4f}" + (f"; {len(starved)} starved expert(s) used the pooled "
-                                                          f"statistics" if starved else ""))
-    return summary
+    return stage.finish(summary, (
+        f"gptq: {layers} layers, {len(metas)} experts in {stage.seconds:.1f}s, {settings.method} at {settings.bits} "
+        f"bits ({grouping}, {bits:.3f} bits per weight stored); mean relative output error "
+        f"{summary['mean_relative_output_error']:.4f}" + (f"; {len(starved)} starved expert(s) used the pooled "
+                                                          f"statistics" if starved else "")))

@@ -137,9 +137,3 @@ def decompose(weights: list[torch.Tensor], klt: Klt | None, choose_rank: RankCho
     shared_basis = basis.T @ inverse if inverse is not None else basis.T.contiguous()
     coeffs = [w.double() @ lift for w in weights]
     return SharedDecomposition("input", shared_basis, coeffs, singular, rho)
-
-
-def output_error(error: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
-    """`Tr(E C E^T)`: the summed output MSE of an error `E [oc, ic]` under input second moment `C`."""
-    e = error.double()
-    return ((e @ second_moment.double()) * e).sum()

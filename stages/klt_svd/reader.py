@@ -1,56 +1,112 @@
-"""Read `klt-svd`'s shards: the shared part `W_share` of any expert matrix, as stored (16-bit values)."""
+"""Read `klt-svd`'s shards: the shared part `W_share` of any expert matrix, as stored (16-bit values).
+
+The shard schema, defined here and used by the stage that writes it and by every reader:
+- per decomposed part `P` (`gate`, `up`, `down`, `shared.down`): tensors `P.shared_basis`, `P.expert_coeffs`
+  (16-bit), `P.singular_values`, `P.rho` (float32), and metadata `parts[P]` = {side, rank, rho_k, klt};
+- `P.shared_expert_coeffs` where the shared expert is stacked with the routed ones (gate, up).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kbvq_cli.experts import SHARED
-from kbvq_cli.stage_dir import StageDir, layer_unit
+from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.units import SHARED, layer_unit, unit_layer
 from stages.klt_svd.core import shared_part
 
+STAGE = "klt-svd"
 
+
+@dataclass(frozen=True)
+class PartMeta:
+    """How one part was decomposed: the side its basis is shared on, the rank, rho_k, whether the KLT was used."""
+
+    side: str
+    rank: int
+    rho_k: float
+    klt: bool
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PartMeta":
+        return cls(str(data["side"]), int(data["rank"]), float(data["rho_k"]), bool(data["klt"]))
+
+    def to_json(self) -> dict:
+        return {"side": self.side, "rank": self.rank, "rho_k": self.rho_k, "klt": self.klt}
+
+
+@dataclass(frozen=True)
+class KltLayerMeta:
+    layer: int
+    parts: dict[str, PartMeta]
+
+    @classmethod
+    def from_json(cls, data: dict) -> "KltLayerMeta":
+        return cls(int(data["layer"]), {name: PartMeta.from_json(p) for name, p in data.get("parts", {}).items()})
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "parts": {name: part.to_json() for name, part in self.parts.items()}}
+
+
+def read_layer_meta(stage_dir: StageDir, index: int) -> KltLayerMeta:
+    return KltLayerMeta.from_json(stage_dir.read_metadata(layer_unit(index)))
+
+
+@dataclass(frozen=True)
 class SharedParts:
     """One layer's decomposition. `share(projection, expert)` -> `W_share [oc, ic]` float32, or None."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict):
-        self.tensors = tensors
-        self.parts: dict[str, dict] = metadata.get("parts", {})
+    tensors: dict[str, torch.Tensor]
+    meta: KltLayerMeta
 
-    def _part(self, name: str):
-        if name not in self.parts:
-            return None
-        return self.parts[name]["side"], self.tensors[f"{name}.shared_basis"].float()
+    @property
+    def parts(self) -> dict[str, PartMeta]:
+        return self.meta.parts
+
+    def basis(self, name: str) -> torch.Tensor | None:
+        """The stored 16-bit `shared_basis` of part `name`, or None if it was not decomposed."""
+        return self.tensors[f"{name}.shared_basis"] if name in self.parts else None
+
+    def coeffs(self, name: str) -> torch.Tensor | None:
+        """The stored 16-bit `expert_coeffs` of part `name` ([E, oc, k] / [E, k, ic]), or None."""
+        return self.tensors[f"{name}.expert_coeffs"] if name in self.parts else None
+
+    def stacked_shared_coeffs(self, projection: str) -> torch.Tensor | None:
+        """The shared expert's coefficients [Is, k] against the routed basis, where it was stacked."""
+        return self.tensors.get(f"{projection}.shared_expert_coeffs")
 
     def share(self, projection: str, expert) -> torch.Tensor | None:
         if expert == SHARED:
             if projection == "down":
-                found = self._part(f"{SHARED}.down")
-                return None if found is None else shared_part(found[0], found[1],
-                                                               self.tensors[f"{SHARED}.down.expert_coeffs"][0].float())
-            key = f"{projection}.shared_expert_coeffs"
-            if key not in self.tensors:
+                name = f"{SHARED}.down"
+                return None if name not in self.parts else shared_part(
+                    self.parts[name].side, self.basis(name).float(), self.coeffs(name)[0].float())
+            stacked = self.stacked_shared_coeffs(projection)
+            if stacked is None:
                 return None
-            return shared_part("input", self.tensors[f"{projection}.shared_basis"].float(), self.tensors[key].float())
-        found = self._part(projection)
-        if found is None:
+            return shared_part("input", self.tensors[f"{projection}.shared_basis"].float(), stacked.float())
+        if projection not in self.parts:
             return None
-        return shared_part(found[0], found[1], self.tensors[f"{projection}.expert_coeffs"][expert].float())
+        return shared_part(self.parts[projection].side, self.basis(projection).float(),
+                           self.coeffs(projection)[expert].float())
 
     def residual(self, projection: str, expert, weight: torch.Tensor) -> torch.Tensor:
-        """`W_spec = W - W_share` (METHOD.md §2 step 7), what `vq` quantizes."""
+        """`W_spec = W - W_share` (docs/method.md §2 step 7), what `vq` quantizes."""
         share = self.share(projection, expert)
         return weight if share is None else weight - share.to(weight.device, weight.dtype)
 
 
 class KltSvd:
     def __init__(self, run_dir: Path):
-        self.stage_dir = StageDir.open_finished(run_dir, "klt-svd")
+        self.stage_dir = StageDir.open_finished(run_dir, STAGE)
 
     def layers(self) -> list[int]:
-        return [int(name.split("_")[1]) for name in self.stage_dir.unit_names()]
+        return [unit_layer(name) for name in self.stage_dir.unit_names()]
 
     def layer(self, index: int, device: str = "cpu") -> SharedParts:
-        name = layer_unit(index)
-        return SharedParts(self.stage_dir.read_unit(name, device), self.stage_dir.read_metadata(name))
+        return SharedParts(self.stage_dir.read_unit(layer_unit(index), device), self.layer_meta(index))
+
+    def layer_meta(self, index: int) -> KltLayerMeta:
+        return read_layer_meta(self.stage_dir, index)

@@ -15,60 +15,59 @@ import time
 
 import torch
 
-from kbvq_cli.console import info, progress_bar
+from kbvq_cli.console import progress_bar
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.experts import SHARED, LayerExperts, layer_experts
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.recipe import ResolvedStage
-from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
-from kbvq_cli.stage_dir import layer_unit
+from kbvq_cli.stage_run import StageRun, require_model
+from kbvq_cli.units import layer_unit
 from kbvq_cli.streaming import pick_device
 from stages.calibrate.reader import Calibration, CalibrationLayer
+from stages.klt_svd.config import KltSvdSettings
 from stages.klt_svd.core import damped_klt, decompose, select_rank
+from stages.klt_svd.reader import KltLayerMeta, PartMeta, read_layer_meta
 
 STAGE = "klt-svd"
 STORE_DTYPE = torch.float16
 
 
 def run(resolved: ResolvedStage, restart: bool = False) -> dict:
-    settings = resolved.settings
+    settings: KltSvdSettings = resolved.settings
     calibration = Calibration(resolved.run_dir)
     source = ModelSource(require_model(resolved))
     device = pick_device(settings.device)
-    inputs = {"upstream": upstream_inputs({"calibrate": calibration.stage_dir}), "model": source.fingerprint()}
-    stage_dir = open_stage(resolved, STAGE, hashed_settings(settings), inputs, restart)
-    if stage_dir.complete:
-        info(f"klt-svd: already complete in {stage_dir.path}")
-        return stage_dir.manifest["summary"]
-    moe_layers = [i for i in range(source.num_layers) if calibration.stage_dir.read_metadata(layer_unit(i))["moe"]]
-    started, captured = time.time(), []
+    stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint())
+    if stage.complete:
+        return stage.skip()
+    moe_layers = [i for i in range(source.num_layers) if calibration.layer_is_moe(i)]
+    captured = []
     with progress_bar() as progress:
         task = progress.add_task("klt-svd layers", total=len(moe_layers))
         for index in moe_layers:
             name = layer_unit(index)
-            if not stage_dir.has_unit(name):
+            if not stage.dir.has_unit(name):
                 experts = layer_experts(source, index, torch.float32, device)
-                tensors, metadata = decompose_layer(experts, calibration.layer(index, device), settings)
-                stage_dir.write_unit(name, tensors, {"layer": index, **metadata})
-            captured.extend(part["rho_k"] for part in stage_dir.read_metadata(name)["parts"].values())
+                tensors, parts = decompose_layer(experts, calibration.layer(index, device), settings)
+                stage.dir.write_unit(name, tensors, KltLayerMeta(index, parts).to_json())
+            captured.extend(part.rho_k for part in read_layer_meta(stage.dir, index).parts.values())
             progress.advance(task)
-    seconds = time.time() - started
     mean_rho = sum(captured) / max(len(captured), 1)
-    summary = {"layers": len(moe_layers), "seconds": round(seconds, 3), "mean_rho_k": round(mean_rho, 6),
+    summary = {"layers": len(moe_layers), "seconds": round(stage.seconds, 3), "mean_rho_k": round(mean_rho, 6),
                "mean_relative_output_error_of_shared_part": round(1 - mean_rho, 6)}
-    stage_dir.finish(summary)
-    info(f"klt-svd: {len(moe_layers)} MoE layers in {seconds:.1f}s; the shared parts hold {100 * mean_rho:.1f}% "
-         f"of the mapped weights' energy (mean rho_k), leaving {100 * (1 - mean_rho):.1f}% to VQ")
-    return summary
+    return stage.finish(summary, f"klt-svd: {len(moe_layers)} MoE layers in {stage.seconds:.1f}s; the shared parts "
+                                 f"hold {100 * mean_rho:.1f}% of the mapped weights' energy (mean rho_k), leaving "
+                                 f"{100 * (1 - mean_rho):.1f}% to VQ")
 
 
-def _chooser(settings, oc: int, ic: int):
+def _chooser(settings: KltSvdSettings, oc: int, ic: int):
     return lambda rho: select_rank(rho, oc, ic, rank_ratio=settings.rank_ratio, rank=settings.rank,
                                    energy=settings.energy)
 
 
-def decompose_layer(experts: LayerExperts, stats: CalibrationLayer, settings) -> tuple[dict, dict]:
-    """All decomposed parts of one MoE layer: (tensors for the shard, metadata)."""
+def decompose_layer(experts: LayerExperts, stats: CalibrationLayer, settings: KltSvdSettings
+                    ) -> tuple[dict, dict[str, PartMeta]]:
+    """All decomposed parts of one MoE layer: (tensors for the shard, part -> how it was decomposed)."""
     tensors, parts = {}, {}
     block = stats.input_moments("block").second_moment()
     gate_up_klt = damped_klt(block, settings.damp) if settings.klt else None
@@ -94,10 +93,11 @@ def decompose_layer(experts: LayerExperts, stats: CalibrationLayer, settings) ->
         _store(tensors, parts, "down", result, result.expert_coeffs, settings.klt and settings.down == "pooled")
         if experts.shared:
             _decompose_shared_down(tensors, parts, experts, stats, settings)
-    return tensors, {"parts": parts}
+    return tensors, parts
 
 
-def _decompose_shared_down(tensors, parts, experts: LayerExperts, stats: CalibrationLayer, settings) -> None:
+def _decompose_shared_down(tensors, parts, experts: LayerExperts, stats: CalibrationLayer,
+                           settings: KltSvdSettings) -> None:
     """A shared expert's down input is its own activation space: decomposed alone, with its own KLT."""
     weight = experts.shared["down"]
     klt = None
@@ -122,4 +122,4 @@ def _store(tensors: dict, parts: dict, name: str, result, coeffs: list, klt_used
     tensors[f"{name}.singular_values"] = result.singular_values.float()
     tensors[f"{name}.rho"] = result.rho.float()
     rho_k = float(result.rho[result.rank - 1]) if result.rank > 0 else 0.0
-    parts[name] = {"side": result.side, "rank": result.rank, "rho_k": rho_k, "klt": klt_used}
+    parts[name] = PartMeta(result.side, result.rank, rho_k, klt_used)

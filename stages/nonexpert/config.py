@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kbvq_cli.bit_limits import scalar_problem
 from kbvq_cli.settings import require
-from stages.gptq.config import ALLOWED_BITS
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class NonExpertSettings:
     RUNTIME_KEYS = ("device",)
 
     def check(self, where: str) -> None:
-        require(self.bits in ALLOWED_BITS,
-                f"{where}.bits={self.bits} is out of range; use one of {', '.join(map(str, ALLOWED_BITS))}")
+        problem = scalar_problem(self.bits)
+        require(problem is None, f"{where}: {problem}")
         require(self.group_size >= 0, f"{where}.group_size must be >= 0 (0 = per output channel)")
         require(0 <= self.damp < 1, f"{where}.damp must be in [0, 1)")
         require(not (self.act_order and self.method != "gptq"), f"{where}.act_order applies to method gptq only")

@@ -17,9 +17,11 @@ import torch
 from kbvq_cli.console import info, progress_bar, warn
 from kbvq_cli.experts import PROJECTIONS
 from kbvq_cli.model_files import ModelSource
-from kbvq_cli.quantized_model import layer_projections, pack_directory
-from kbvq_cli.stage_common import require_model
-from stages.pack.storage import category
+from kbvq_cli.packed.layout import NONEXPERT_PARTS
+from kbvq_cli.packed.loader import build_scalar_projection, layer_projections, pack_directory
+from kbvq_cli.packed.schema import PackedUnitMeta
+from kbvq_cli.packed.storage import category
+from kbvq_cli.stage_run import require_model
 
 
 def disk_name(adapter, name: str) -> str:
@@ -30,8 +32,8 @@ def disk_name(adapter, name: str) -> str:
     return name
 
 
-def _expert_tensors(adapter, index: int, tensors: dict, metadata: dict, dtype) -> tuple[dict, bool]:
-    routed, shared = layer_projections(tensors, metadata, adapter, index, torch.float32)
+def _expert_tensors(adapter, index: int, tensors: dict, meta: PackedUnitMeta, dtype) -> tuple[dict, bool]:
+    routed, shared = layer_projections(tensors, meta, adapter, index, torch.float32)
     prefix = f"{adapter.layers_prefix}.{index}."
     out, shifted = {}, False
     disk_names = dict(zip(PROJECTIONS, adapter.disk_expert_names))
@@ -42,20 +44,17 @@ def _expert_tensors(adapter, index: int, tensors: dict, metadata: dict, dtype) -
             out[disk_name(adapter, name)] = module.dense_weight(expert).to(dtype)
     for projection, module in shared.items():
         shifted |= module.shift is not None and bool(module.shift.abs().max() > 0)
-        out[f"{prefix}{metadata['shared_path']}.{projection}_proj.weight"] = module.dense_weight(0).to(dtype)
+        out[f"{prefix}{meta.shared_path}.{projection}_proj.weight"] = module.dense_weight(0).to(dtype)
     return out, shifted
 
 
-def _nonexpert_tensors(adapter, metadata: dict, tensors: dict, dtype) -> dict:
+def _nonexpert_tensors(adapter, meta: PackedUnitMeta, tensors: dict, dtype) -> dict:
     """The dequantized weights of the layer's non-expert linears that `kbvq nonexpert` quantized."""
-    from kbvq_cli.quantized_model import build_scalar_projection
-    from stages.pack.layout import NONEXPERT_PARTS
-
     out = {}
-    prefix = f"{adapter.layers_prefix}.{metadata.get('layer')}."
-    for path, meta in metadata.get("nonexpert", {}).items():
+    prefix = f"{adapter.layers_prefix}.{meta.layer}."
+    for path, linear in meta.nonexpert.items():
         module = build_scalar_projection(lambda part: tensors.get(f"{prefix}{path}.{NONEXPERT_PARTS[part]}"),
-                                         meta["shape"], meta["bits"], meta["group_size"], torch.float32)
+                                         linear.shape, linear.bits, linear.group_size, torch.float32)
         out[disk_name(adapter, f"{prefix}{path}.weight")] = module.dense_weight(0).to(dtype)
     return out
 
@@ -77,13 +76,13 @@ def export_dense(resolved, out: str | None) -> Path:
     with progress_bar() as progress:
         task = progress.add_task("dense export", total=len(units))
         for number, unit in enumerate(units, 1):
-            tensors, metadata = pack.read_unit(unit), pack.read_metadata(unit)
+            tensors, meta = pack.read_unit(unit), PackedUnitMeta.from_json(pack.read_metadata(unit))
             dense = {disk_name(source.adapter, n): t for n, t in tensors.items() if category(n) == "unquantized"}
-            if metadata.get("moe"):
-                experts, shifted = _expert_tensors(source.adapter, metadata["layer"], tensors, metadata, dtype)
+            if meta.moe:
+                experts, shifted = _expert_tensors(source.adapter, meta.layer, tensors, meta, dtype)
                 dense.update(experts)
                 dropped |= shifted
-            dense.update(_nonexpert_tensors(source.adapter, metadata, tensors, dtype))
+            dense.update(_nonexpert_tensors(source.adapter, meta, tensors, dtype))
             file = f"model-{number:05d}-of-{len(units):05d}.safetensors"
             save_file({k: v.contiguous() for k, v in dense.items()}, str(staging / file), metadata={"format": "pt"})
             weight_map.update({name: file for name in dense})

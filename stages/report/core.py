@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.bcos.core import InputMoments, output_moments
+from kbvq_cli.moments import InputMoments, output_moments
 
 
 def psd_root(second_moment: torch.Tensor) -> torch.Tensor:

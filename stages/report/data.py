@@ -19,7 +19,8 @@ from kbvq_cli.experts import LayerExperts, layer_experts
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.model_files import safetensors_header as read_header
 from kbvq_cli.recipe import RECIPE_FILE, load_recipe
-from kbvq_cli.stage_dir import StageDir, layer_unit
+from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.units import layer_unit
 from stages.calibrate.reader import Calibration
 from stages.klt_svd.reader import KltSvd
 
@@ -143,12 +144,9 @@ class PartSpectrum:
 
 def layer_spectra(view: RunView, index: int) -> dict[str, PartSpectrum]:
     """Part name (gate, up, down, shared.down) -> its spectrum, for MoE layer `index`."""
-    name = layer_unit(index)
-    metadata = view.klt.stage_dir.read_metadata(name).get("parts", {})
-    tensors, out = view.klt.stage_dir.read_unit(name), {}
-    for part, info in metadata.items():
-        singular = tensors[f"{part}.singular_values"].double().numpy()
-        rho = tensors[f"{part}.rho"].double().numpy()
-        out[part] = PartSpectrum(singular, rho, int(info["rank"]), float(info["rho_k"]), info["side"],
-                                 bool(info["klt"]))
+    parts, out = view.klt.layer(index), {}
+    for part, info in parts.parts.items():
+        singular = parts.tensors[f"{part}.singular_values"].double().numpy()
+        rho = parts.tensors[f"{part}.rho"].double().numpy()
+        out[part] = PartSpectrum(singular, rho, info.rank, info.rho_k, info.side, info.klt)
     return out

@@ -9,8 +9,8 @@ import torch
 
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.experts import LayerExperts
-from kbvq_cli.stage_dir import layer_unit
-from stages.bcos.core import InputMoments, input_moments
+from kbvq_cli.moments import InputMoments, input_moments
+from stages.bcos.reader import BcosCorrections
 from stages.calibrate.reader import CalibrationLayer
 from stages.klt_svd.reader import KltSvd
 from stages.report import markdown as md
@@ -18,7 +18,7 @@ from stages.report.core import ChannelStats, drift, pooled_channel_stats
 from stages.report.data import RunView
 from stages.report.figures import drift_figure, storage_figure
 from stages.report.storage import Storage, part_label, run_storage
-from stages.vq.reader import VqCodes, quantized_matrix
+from stages.vq.reader import VqCodes
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,11 @@ def down_input_moments(stats: CalibrationLayer) -> list[InputMoments] | None:
 def quantized_down(klt: KltSvd, codes: VqCodes, index: int, experts: LayerExperts) -> list[torch.Tensor]:
     """`W_share + VQ(W_spec)` `[H, I]` of every routed expert's down projection, float32."""
     parts, shape = klt.layer(index), tuple(experts.routed["down"].shape[1:])
-    return [quantized_matrix(codes.expert(index, e), parts, "down", e, shape) for e in range(experts.num_experts)]
+    return [codes.expert(index, e).matrix("down", parts, e, shape) for e in range(experts.num_experts)]
 
 
 def _ranks(klt: KltSvd) -> set[int]:
-    return {info["rank"] for name in klt.stage_dir.unit_names()
-            for info in klt.stage_dir.read_metadata(name).get("parts", {}).values()}
+    return {part.rank for index in klt.layers() for part in klt.layer_meta(index).parts.values()}
 
 
 def _bcos_applies(view: RunView) -> bool:
@@ -83,8 +82,8 @@ def layer_drift_curves(view: RunView, index: int, compare: CompareRun | None) ->
     quantized = quantized_down(view.klt, VqCodes(view.run_dir), index, experts)
     curves[f"{method} before BCOS"] = pooled_channel_stats(quantized, moments)
     if _bcos_applies(view):
-        unit = view.stage("bcos").read_unit(layer_unit(index))
-        corrections = [(unit["down.scale"][e], unit["down.shift"][e]) for e in range(experts.num_experts)]
+        down = BcosCorrections(view.run_dir).layer(index).routed["down"]
+        corrections = [(down.scale[e], down.shift[e]) for e in range(experts.num_experts)]
         curves[f"{method} + BCOS"] = pooled_channel_stats(quantized, moments, corrections)
     return curves
 

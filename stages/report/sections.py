@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kbvq_cli.stage_dir import layer_unit
 from stages.report import markdown as md
 from stages.report.core import off_diagonal, output_similarity
 from stages.report.data import RunView, layer_spectra
@@ -27,7 +26,7 @@ def _ordered(parts) -> list[str]:
 
 def spectrum_table(view: RunView) -> list[str]:
     """Rank and rho_k of every part of every MoE layer, as klt-svd recorded them."""
-    metadata = {i: view.klt.stage_dir.read_metadata(layer_unit(i)).get("parts", {}) for i in view.moe_layers()}
+    metadata = {i: view.klt.layer_meta(i).parts for i in view.moe_layers()}
     names = _ordered({part for parts in metadata.values() for part in parts})
     headers = ["layer"] + [f"{name} {column}" for name in names for column in ("k", "rho_k")]
     rows = []
@@ -35,7 +34,7 @@ def spectrum_table(view: RunView) -> list[str]:
         row = [str(index)]
         for name in names:
             info = parts.get(name)
-            row += [md.fmt_int(info["rank"]), md.fmt_ratio(info["rho_k"])] if info else ["-", "-"]
+            row += [md.fmt_int(info.rank), md.fmt_ratio(info.rho_k)] if info else ["-", "-"]
         rows.append(row)
     return md.table(headers, rows)
 

@@ -8,12 +8,12 @@ at 16 bits, and every parameter of the model that no vq unit quantizes at 16 bit
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from kbvq_cli.experts import PROJECTIONS
-from kbvq_cli.stage_dir import layer_unit
-from stages.pack.accounting import projection_bits
+from kbvq_cli.units import layer_unit
+from kbvq_cli.packed.bitpack import packed_size
+from kbvq_cli.packed.storage import projection_bits
 from stages.report.data import RunView, unit_header
 
 PARTS = ("shared_basis", "expert_coeffs", "indices", "codebooks", "scale_shift", "unquantized")
@@ -89,7 +89,7 @@ def _vq_bytes(view: RunView, bits: int, dim: int) -> dict[str, int]:
     for unit in stage_dir.unit_names():
         routed = not _is_shared_expert(unit, "")
         for key, info in unit_header(stage_dir, unit).items():
-            size = math.ceil(info.numel * bits * dim / 8) if key.endswith(".indices") else info.nbytes
+            size = packed_size(info.numel, bits * dim) if key.endswith(".indices") else info.nbytes
             part = "indices" if key.endswith(".indices") else "codebooks"
             found[part] += size
             found["routed"] += size if routed else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kbvq_cli.bit_limits import vq_problem
 from kbvq_cli.settings import require
 
 
@@ -29,11 +30,9 @@ class VqSettings:
     RUNTIME_KEYS = ("device",)
 
     def check(self, where: str) -> None:
-        allowed = {4: (2, 3), 2: (2, 3, 4)}
-        require(self.dim in allowed, f"{where}.dim must be 4 (bits 2 or 3) or 2 (bits 2-4); got {self.dim}")
-        require(self.bits in allowed[self.dim],
-                f"{where}.bits={self.bits} is out of range for dim {self.dim}; use one of "
-                f"{', '.join(map(str, allowed[self.dim]))}")
-        require(self.iters >= 0, f"{where}.iters must be >= 0")
+        problem = vq_problem(self.bits, self.dim)
+        require(problem is None, f"{where}: {problem}")
+        require(self.iters >= 1, f"{where}.iters must be >= 1 (got {self.iters}): k-means needs at least one "
+                                 f"Lloyd iteration")
         require(self.expert_batch >= 1, f"{where}.expert_batch must be >= 1")
         require(0 <= self.damp < 1, f"{where}.damp must be in [0, 1)")

@@ -15,16 +15,16 @@ from typing import Callable
 import torch
 
 from kbvq_cli.errors import KbvqError
+from kbvq_cli.bit_limits import vq_problem
 from kbvq_cli.threads import torch_threads
 from stages.vq.backends import AssignBackend
 
-ALLOWED_BITS = {4: (2, 3), 2: (2, 3, 4)}
 
 
 def codebook_size(bits: int, dim: int) -> int:
-    if dim not in ALLOWED_BITS or bits not in ALLOWED_BITS[dim]:
-        raise KbvqError(f"bits={bits} with dim={dim} is not supported; use dim 4 with bits 2 or 3, "
-                        f"or dim 2 with bits 2, 3 or 4")
+    problem = vq_problem(bits, dim)
+    if problem is not None:
+        raise KbvqError(problem)
     return 2 ** (bits * dim)
 
 

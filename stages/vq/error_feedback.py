@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.gptq.core import inverse_hessian_factor
+from kbvq_cli.scalar_quant import inverse_hessian_factor
 
 
 def error_feedback_assign(weight: torch.Tensor, codebook: torch.Tensor, hessian: torch.Tensor,

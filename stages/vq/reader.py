@@ -1,31 +1,104 @@
-"""Read `vq`'s units: the quantized expert matrices `What = W_share + VQ(W_spec)` as the packed model holds them."""
+"""Read `vq`'s units: the quantized expert matrices `What = W_share + VQ(W_spec)` as the packed model holds them.
+
+The unit schema, defined here and used by the stage that writes it and by every reader: one unit per
+expert (`kbvq_cli.units.expert_unit`), holding per projection `P` (gate, up, down) `P.codebook`
+[K, d] float16 (the stored, final values) and `P.indices` [oc, ic/d] int16; its metadata (`VqExpertMeta`)
+records the relative errors per projection.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kbvq_cli.experts import PROJECTIONS, LayerExperts
 from kbvq_cli.stage_dir import StageDir
-from stages.klt_svd.reader import SharedParts
+from kbvq_cli.units import expert_unit
+from stages.klt_svd.reader import KltSvd, SharedParts
 from stages.vq.core import dequantize
-from stages.vq.stage import unit_name
+
+STAGE = "vq"
+CODEBOOK_DTYPE = torch.float16
+INDEX_DTYPE = torch.int16  # holds every code up to 15 bits as is; 16-bit codes wrap and are read back unsigned
+
+
+@dataclass(frozen=True)
+class VqExpertUnit:
+    """One expert's codes: projection -> codebook [K, d] float16, projection -> indices [oc, ic/d]."""
+
+    codebooks: dict[str, torch.Tensor]
+    indices: dict[str, torch.Tensor]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for projection in PROJECTIONS:
+            tensors[f"{projection}.codebook"] = self.codebooks[projection].to(CODEBOOK_DTYPE)
+            tensors[f"{projection}.indices"] = self.indices[projection].to(INDEX_DTYPE)
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "VqExpertUnit":
+        # int16 wraps codes >= 2^15 to negatives: read back as the unsigned values they are.
+        return cls({p: tensors[f"{p}.codebook"] for p in PROJECTIONS},
+                   {p: tensors[f"{p}.indices"].to(torch.int64) & 0xFFFF for p in PROJECTIONS})
+
+    def matrix(self, projection: str, parts: SharedParts, expert, shape: tuple[int, int]) -> torch.Tensor:
+        """`W_share + dequant(indices, codebook)` [oc, ic] float32 of one projection."""
+        specific = dequantize(self.indices[projection], self.codebooks[projection].float(), shape)
+        share = parts.share(projection, expert)
+        return specific if share is None else specific + share.to(specific.device)
+
+
+@dataclass(frozen=True)
+class VqExpertMeta:
+    """Relative errors per projection: of the residual's weights, of the output with the shared part alone
+    and with the shared part plus VQ (`Tr(E C E^T) / Tr(W C W^T)`)."""
+
+    layer: int
+    expert: object  # int, or kbvq_cli.units.SHARED
+    relative_error: dict[str, float]
+    output_error_before: dict[str, float]
+    output_error: dict[str, float]
+
+    @classmethod
+    def from_json(cls, data: dict) -> "VqExpertMeta":
+        return cls(int(data["layer"]), data["expert"], dict(data["relative_error"]),
+                   dict(data["output_error_before"]), dict(data["output_error"]))
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "expert": self.expert, "relative_error": self.relative_error,
+                "output_error_before": self.output_error_before, "output_error": self.output_error}
 
 
 class VqCodes:
     def __init__(self, run_dir: Path):
-        self.stage_dir = StageDir.open_finished(run_dir, "vq")
+        self.stage_dir = StageDir.open_finished(run_dir, STAGE)
+
+    @property
+    def bits(self) -> int:
+        return int(self.stage_dir.manifest["config"]["bits"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.stage_dir.manifest["config"]["dim"])
 
     def has(self, layer: int, expert) -> bool:
-        return self.stage_dir.has_unit(unit_name(layer, expert))
+        return self.stage_dir.has_unit(expert_unit(layer, expert))
 
-    def expert(self, layer: int, expert, device: str = "cpu") -> dict[str, torch.Tensor]:
-        return self.stage_dir.read_unit(unit_name(layer, expert), device)
+    def expert(self, layer: int, expert, device: str = "cpu") -> VqExpertUnit:
+        return VqExpertUnit.from_tensors(self.stage_dir.read_unit(expert_unit(layer, expert), device))
 
+    def meta(self, layer: int, expert) -> VqExpertMeta:
+        return VqExpertMeta.from_json(self.stage_dir.read_metadata(expert_unit(layer, expert)))
 
-def quantized_matrix(codes: dict[str, torch.Tensor], parts: SharedParts, projection: str, expert,
-                     shape: tuple[int, int]) -> torch.Tensor:
-    """`W_share + dequant(indices, codebook)` [oc, ic] float32."""
-    specific = dequantize(codes[f"{projection}.indices"], codes[f"{projection}.codebook"].float(), shape)
-    share = parts.share(projection, expert)
-    return specific if share is None else specific + share.to(specific.device)
+    def quantized_layer(self, experts: LayerExperts, klt: KltSvd, index: int, device) -> dict:
+        """(projection, expert) -> What [oc, ic] float32 for every expert of the layer."""
+        parts, out = klt.layer(index, device), {}
+        for expert in experts.expert_ids():
+            unit = self.expert(index, expert, device)
+            for projection in PROJECTIONS:
+                shape = tuple(experts.matrix(projection, expert).shape)
+                out[(projection, expert)] = unit.matrix(projection, parts, expert, shape)
+        return out

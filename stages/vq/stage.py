@@ -1,57 +1,47 @@
 """`kbvq vq`: vector-quantize every expert matrix's specific part `W_spec = W - W_share`.
 
 One unit per expert: `RUN/vq/layer_NNN.expert_EEE.safetensors` (and `layer_NNN.shared` for a shared
-expert) holding, for each projection `P` of `gate`, `up`, `down`: `P.codebook` [K, d] float16 (the
-stored, final values) and `P.indices` [oc, ic/d] int16. A 128-expert layer is hours of work on a GPU,
-so a killed run resumes at the expert where it stopped.
+expert), in the schema of `stages.vq.reader.VqExpertUnit`. A 128-expert layer is hours of work on a
+GPU, so a killed run resumes at the expert where it stopped.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from kbvq_cli.console import info, progress_bar
+from kbvq_cli.console import progress_bar
 from kbvq_cli.experts import PROJECTIONS, SHARED, layer_experts
 from kbvq_cli.model_files import ModelSource
+from kbvq_cli.output_error import relative_output_error
 from kbvq_cli.recipe import ResolvedStage
-from kbvq_cli.stage_common import hashed_settings, open_stage, require_model, upstream_inputs
-from kbvq_cli.stage_dir import layer_unit
+from kbvq_cli.stage_run import StageRun, require_model
 from kbvq_cli.streaming import pick_device
+from kbvq_cli.units import expert_ids, expert_unit
 from stages.calibrate.reader import Calibration
-from stages.klt_svd.core import output_error
 from stages.klt_svd.reader import KltSvd
 from stages.vq.backends import make_backend
 from stages.vq.batched import kmeans_batched
 from stages.vq.core import codebook_size, dequantize, to_subvectors, vq_quantize
+from stages.vq.config import VqSettings
 from stages.vq.error_feedback import error_feedback_assign
-
-STAGE = "vq"
-CODEBOOK_DTYPE = torch.float16
-
-
-def unit_name(layer: int, expert) -> str:
-    return f"{layer_unit(layer)}.{SHARED}" if expert == SHARED else f"{layer_unit(layer)}.expert_{expert:03d}"
+from stages.vq.reader import CODEBOOK_DTYPE, STAGE, VqExpertMeta, VqExpertUnit
 
 
 def run(resolved: ResolvedStage, restart: bool = False) -> dict:
-    settings = resolved.settings
+    settings: VqSettings = resolved.settings
     calibration, klt = Calibration(resolved.run_dir), KltSvd(resolved.run_dir)
     source = ModelSource(require_model(resolved))
     device = pick_device(settings.device) if settings.backend == "torch" else "cpu"
-    upstream = upstream_inputs({"calibrate": calibration.stage_dir, "klt-svd": klt.stage_dir})
-    inputs = {"upstream": upstream, "model": source.fingerprint(), "compute": torch.device(device).type}
-    stage_dir = open_stage(resolved, STAGE, hashed_settings(settings), inputs, restart)
-    if stage_dir.complete:
-        info(f"vq: already complete in {stage_dir.path}")
-        return stage_dir.manifest["summary"]
-    backend, started, layers = make_backend(settings.backend), time.time(), klt.layers()
+    stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint(), compute=torch.device(device).type)
+    if stage.complete:
+        return stage.skip()
+    backend, layers = make_backend(settings.backend), klt.layers()
+    all_experts = expert_ids(source.num_experts, bool(source.adapter.shared_experts))
     with progress_bar() as progress:
-        task = progress.add_task("vq experts", total=len(layers) * len(_expert_ids(source)))
+        task = progress.add_task("vq experts", total=len(layers) * len(all_experts))
         for index in layers:
-            todo = [e for e in _expert_ids(source) if not stage_dir.has_unit(unit_name(index, e))]
-            progress.advance(task, len(_expert_ids(source)) - len(todo))
+            todo = [e for e in all_experts if not stage.dir.has_unit(expert_unit(index, e))]
+            progress.advance(task, len(all_experts) - len(todo))
             if not todo:
                 continue
             experts = layer_experts(source, index, torch.float32, device)
@@ -61,25 +51,23 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
             todo = [e for e in todo if e not in absent]
             for group in _groups(todo, settings.expert_batch if settings.backend == "torch" else 1):
                 progress.update(task, description=f"vq layer {index} expert {group[0]}")
-                for expert, tensors, metadata in quantize_group(experts, parts, stats, group, settings, backend):
-                    stage_dir.write_unit(unit_name(index, expert), tensors, {"layer": index, "expert": expert,
-                                                                             **metadata})
+                for unit, meta in quantize_group(experts, parts, stats, index, group, settings, backend):
+                    stage.dir.write_unit(expert_unit(index, meta.expert), unit.to_tensors(), meta.to_json())
                     progress.advance(task)
-    return _finish(stage_dir, settings, len(layers), time.time() - started)
+    return _finish(stage, settings, len(layers))
 
 
-def _finish(stage_dir, settings, layers: int, seconds: float) -> dict:
-    metas = [stage_dir.read_metadata(name) for name in stage_dir.unit_names()]
-    mean = lambda key: sum(v for m in metas for v in m[key].values()) / max(3 * len(metas), 1)  # noqa: E731
-    summary = {"layers": layers, "units": len(metas), "seconds": round(seconds, 3),
+def _finish(stage: StageRun, settings: VqSettings, layers: int) -> dict:
+    metas = [VqExpertMeta.from_json(stage.dir.read_metadata(name)) for name in stage.dir.unit_names()]
+    mean = lambda key: sum(v for m in metas for v in getattr(m, key).values()) / max(3 * len(metas), 1)  # noqa: E731
+    summary = {"layers": layers, "units": len(metas), "seconds": round(stage.seconds, 3),
                "mean_relative_output_error_shared_part_only": round(mean("output_error_before"), 6),
                "mean_relative_output_error": round(mean("output_error"), 6),
                "mean_relative_weight_error_of_residual": round(mean("relative_error"), 6)}
-    stage_dir.finish(summary)
-    info(f"vq: {layers} layers, {len(metas)} experts in {seconds:.1f}s at {settings.bits} bits (d={settings.dim}); "
-         f"mean relative output error {summary['mean_relative_output_error_shared_part_only']:.4f} with the "
-         f"shared part alone -> {summary['mean_relative_output_error']:.4f} with VQ")
-    return summary
+    return stage.finish(summary, (
+        f"vq: {layers} layers, {len(metas)} experts in {stage.seconds:.1f}s at {settings.bits} bits (d={settings.dim}); "
+        f"mean relative output error {summary['mean_relative_output_error_shared_part_only']:.4f} with the "
+        f"shared part alone -> {summary['mean_relative_output_error']:.4f} with VQ"))
 
 
 def _groups(todo: list, size: int) -> list[list]:
@@ -89,17 +77,7 @@ def _groups(todo: list, size: int) -> list[list]:
     return groups + ([[SHARED]] if SHARED in todo else [])
 
 
-def _expert_ids(source: ModelSource) -> list:
-    return list(range(source.num_experts)) + ([SHARED] if source.adapter.shared_experts else [])
-
-
-def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor) -> float:
-    """`Tr(E C E^T) / Tr(W C W^T)`: the output MSE relative to the output energy on the calibration inputs."""
-    error = output_error(weight - approx, second_moment)
-    return float(error / output_error(weight, second_moment).clamp_min(1e-30))
-
-
-def _codes(residuals: list[torch.Tensor], settings, backend) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _codes(residuals: list[torch.Tensor], settings: VqSettings, backend) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(codebook float32 [K, d], indices [oc, ic/d]) per matrix: one by one, or batched on the torch backend."""
     same_shape = len({tuple(r.shape) for r in residuals}) == 1
     if settings.backend == "torch" and len(residuals) > 1 and same_shape:
@@ -111,27 +89,28 @@ def _codes(residuals: list[torch.Tensor], settings, backend) -> list[tuple[torch
     return [(result.codebook, result.indices) for result in results]
 
 
-def quantize_group(experts, parts, stats, group: list, settings, backend) -> list[tuple[object, dict, dict]]:
-    """Quantize the experts in `group` (one layer): [(expert, tensors, metadata)] with their relative errors."""
-    out = {expert: ({}, {"relative_error": {}, "output_error_before": {}, "output_error": {}}) for expert in group}
+def quantize_group(experts, parts, stats, layer: int, group: list, settings: VqSettings, backend
+                   ) -> list[tuple[VqExpertUnit, VqExpertMeta]]:
+    """Quantize the experts in `group` (one layer): their units and metadata with their relative errors."""
+    codebooks, indices = {e: {} for e in group}, {e: {} for e in group}
+    errors = {e: {"relative_error": {}, "output_error_before": {}, "output_error": {}} for e in group}
     for projection in PROJECTIONS:
         weights = [experts.matrix(projection, expert) for expert in group]
         residuals = [parts.residual(projection, e, w) for e, w in zip(group, weights)]
-        for expert, weight, residual, (codebook, indices) in zip(group, weights, residuals,
-                                                                 _codes(residuals, settings, backend)):
-            tensors, metadata = out[expert]
+        for expert, weight, residual, (codebook, codes) in zip(group, weights, residuals,
+                                                               _codes(residuals, settings, backend)):
             codebook = codebook.to(CODEBOOK_DTYPE)
             moments = stats.expert_input(projection, expert, experts.shared_path)
             second = moments.sum_xxT if moments.sum_xxT is not None and int(moments.count) > 0 else None
             second = second if second is not None else torch.eye(weight.shape[1], device=weight.device)
             if settings.error_feedback:  # re-assign against the stored (16-bit) codebook, GPTVQ-style
-                indices = error_feedback_assign(residual, codebook.float(), second, settings.damp)
-            tensors[f"{projection}.codebook"] = codebook
-            tensors[f"{projection}.indices"] = indices.to(torch.int16)
-            approx = dequantize(indices, codebook.float(), residual.shape)
-            metadata["relative_error"][projection] = float(
+                codes = error_feedback_assign(residual, codebook.float(), second, settings.damp)
+            codebooks[expert][projection], indices[expert][projection] = codebook, codes
+            approx = dequantize(codes, codebook.float(), residual.shape)
+            found = errors[expert]
+            found["relative_error"][projection] = float(
                 (residual - approx).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-30))
             share = weight - residual
-            metadata["output_error_before"][projection] = relative_output_error(weight, share, second)
-            metadata["output_error"][projection] = relative_output_error(weight, share + approx, second)
-    return [(expert, *out[expert]) for expert in group]
+            found["output_error_before"][projection] = relative_output_error(weight, share, second)
+            found["output_error"][projection] = relative_output_error(weight, share + approx, second)
+    return [(VqExpertUnit(codebooks[e], indices[e]), VqExpertMeta(layer, e, **errors[e])) for e in group]

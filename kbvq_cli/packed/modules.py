@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kbvq_cli.scalar_quant import QuantizedLinear, dequantize
+
 
 class VqProjection(nn.Module):
     """One projection of `n` experts. indices int32 [n, oc, ic/d], codebook [n, K, d], scale/shift [n, oc]
@@ -124,8 +126,6 @@ class ScalarProjection(nn.Module):
         return self.codes.shape[0]
 
     def dense_weight(self, expert: int) -> torch.Tensor:
-        from stages.gptq.core import QuantizedLinear, dequantize
-
         index = None if self.group_index is None else self.group_index[expert]
         quantized = QuantizedLinear(self.codes[expert], self.scale[expert], self.zero[expert], self.group_size, index)
         return dequantize(quantized).to(self.dtype)

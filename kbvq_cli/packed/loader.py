@@ -6,7 +6,7 @@
 
 The model is built on the meta device from `config.json`; every unquantized tensor is assigned from
 the shards, and each MoE layer's routed experts (and shared expert's linears) are replaced by
-`kbvq_cli.vq_modules` modules that compute the projections from their quantized parts.
+`kbvq_cli.packed.modules` modules that compute the projections from their quantized parts.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ import torch
 
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.experts import PROJECTIONS
+from kbvq_cli.packed.bitpack import unpack_indices
+from kbvq_cli.packed.layout import NONEXPERT_PARTS, routed_prefix, shared_prefix
+from kbvq_cli.packed.modules import ScalarProjection, VqExperts, VqLinear, VqProjection
+from kbvq_cli.packed.schema import SCALAR, PackedUnitMeta
+from kbvq_cli.packed.storage import category
 from kbvq_cli.stage_dir import StageDir
-from kbvq_cli.vq_modules import ScalarProjection, VqExperts, VqLinear, VqProjection
 
 PACK_STAGE = "pack"
 
@@ -43,8 +47,6 @@ def _expert_dim(routed: bool):
 
 def _unpacked(packed: torch.Tensor, width: int, count: int, routed: bool) -> torch.Tensor:
     """Bit-packed rows (one per expert) -> int64 [n, count]."""
-    from stages.pack.bitpack import unpack_indices
-
     return torch.stack([unpack_indices(row, width, count) for row in _expert_dim(routed)(packed)])
 
 
@@ -76,67 +78,64 @@ def build_scalar_projection(get, shape, bits: int, group_size: int, dtype) -> Sc
                             dtype)
 
 
-def layer_projections(tensors: dict, metadata: dict, adapter, index: int, dtype) -> tuple[dict, dict]:
-    """(routed {projection: module}, shared {projection: module}) of one packed MoE layer."""
-    from stages.pack.layout import routed_prefix, shared_prefix
+def _side(meta: PackedUnitMeta, name: str) -> str:
+    return meta.parts[name].side if name in meta.parts else "input"
 
-    if metadata.get("format") == "scalar":
+
+def layer_projections(tensors: dict, meta: PackedUnitMeta, adapter, index: int, dtype) -> tuple[dict, dict]:
+    """(routed {projection: module}, shared {projection: module}) of one packed MoE layer."""
+    shared_path = meta.shared_path
+    if meta.format == SCALAR:
         build = lambda prefix, key: build_scalar_projection(  # noqa: E731
-            lambda part: tensors.get(prefix + part), metadata["shapes"][key], metadata["bits"],
-            metadata["group_size"], dtype)
+            lambda part: tensors.get(prefix + part), meta.shapes[key], meta.bits, meta.group_size, dtype)
         routed = {p: build(routed_prefix(adapter.layers_prefix, adapter.experts, index, p), p) for p in PROJECTIONS}
-        shared = {} if metadata["shared_path"] is None else {
-            p: build(shared_prefix(adapter.layers_prefix, metadata["shared_path"], index, p), f"shared.{p}")
-            for p in PROJECTIONS}
+        shared = {} if shared_path is None else {
+            p: build(shared_prefix(adapter.layers_prefix, shared_path, index, p), f"shared.{p}") for p in PROJECTIONS}
         return routed, shared
 
-    width = metadata["bits"] * metadata["dim"]
-    parts, shapes = metadata["parts"], metadata["shapes"]
-    routed, shared = {}, {}
+    width, routed, shared = meta.index_width, {}, {}
     for projection in PROJECTIONS:
         prefix = routed_prefix(adapter.layers_prefix, adapter.experts, index, projection)
-        side = parts.get(projection, {}).get("side", "input")
-        routed[projection] = build_projection(tensors, prefix, shapes[projection], side, width, dtype)
-        if metadata["shared_path"] is not None:
-            prefix = shared_prefix(adapter.layers_prefix, metadata["shared_path"], index, projection)
-            stacked = metadata["shared_stacked"].get(projection, False)
+        side = _side(meta, projection)
+        routed[projection] = build_projection(tensors, prefix, meta.shapes[projection], side, width, dtype)
+        if shared_path is not None:
+            prefix = shared_prefix(adapter.layers_prefix, shared_path, index, projection)
+            stacked = meta.shared_stacked.get(projection, False)
             basis = tensors.get(routed_prefix(adapter.layers_prefix, adapter.experts, index, projection)
                                 + "shared_basis") if stacked else None
-            own_side = parts.get(f"shared.{projection}", {}).get("side", "input")
-            shared[projection] = build_projection(tensors, prefix, shapes[f"shared.{projection}"],
+            own_side = _side(meta, f"shared.{projection}")
+            shared[projection] = build_projection(tensors, prefix, meta.shapes[f"shared.{projection}"],
                                                   side if stacked else own_side, width, dtype, basis)
     return routed, shared
 
 
-def _install_layer(model, adapter, index: int, tensors: dict, metadata: dict, dtype) -> None:
+def _install_layer(model, adapter, index: int, tensors: dict, meta: PackedUnitMeta, dtype) -> None:
     from kbvq_cli.streaming import module_at
 
     layer = module_at(model, f"{adapter.layers_prefix}.{index}")
-    routed, shared = layer_projections(tensors, metadata, adapter, index, dtype)
+    routed, shared = layer_projections(tensors, meta, adapter, index, dtype)
     experts_parent, _, experts_name = adapter.experts.rpartition(".")
     original = module_at(layer, adapter.experts)
     replacement = VqExperts(routed["gate"], routed["up"], routed["down"], original.act_fn,
                             routed["gate"].num_experts)
     setattr(module_at(layer, experts_parent), experts_name, replacement)
     if shared:
-        shared_module = module_at(layer, metadata["shared_path"])
+        shared_module = module_at(layer, meta.shared_path)
         for projection, module in shared.items():
-            oc, ic = metadata["shapes"][f"shared.{projection}"]
+            oc, ic = meta.shapes[f"shared.{projection}"]
             setattr(shared_module, f"{projection}_proj", VqLinear(module, ic, oc))
 
 
-def _install_nonexpert(model, adapter, index: int, tensors: dict, metadata: dict, dtype) -> None:
+def _install_nonexpert(model, adapter, index: int, tensors: dict, meta: PackedUnitMeta, dtype) -> None:
     """Replace each quantized non-expert linear of the layer by a module computing it from its codes."""
     from kbvq_cli.streaming import module_at
 
     layer = module_at(model, f"{adapter.layers_prefix}.{index}")
     prefix = f"{adapter.layers_prefix}.{index}."
-    for path, meta in metadata.get("nonexpert", {}).items():
-        oc, ic = meta["shape"]
-        from stages.pack.layout import NONEXPERT_PARTS
-
+    for path, linear in meta.nonexpert.items():
+        oc, ic = linear.shape
         projection = build_scalar_projection(lambda part: tensors.get(f"{prefix}{path}.{NONEXPERT_PARTS[part]}"),
-                                             (oc, ic), meta["bits"], meta["group_size"], dtype)
+                                             (oc, ic), linear.bits, linear.group_size, dtype)
         bias = tensors.get(f"{prefix}{path}.bias")
         parent, _, name = path.rpartition(".")
         setattr(module_at(layer, parent) if parent else layer, name,
@@ -181,13 +180,11 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype | N
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {}
     for unit in stage_dir.unit_names():
-        tensors, metadata = stage_dir.read_unit(unit), stage_dir.read_metadata(unit)
-        if metadata.get("moe"):
-            _install_layer(model, adapter, metadata["layer"], tensors, metadata, dtype)
-        if metadata.get("nonexpert"):
-            _install_nonexpert(model, adapter, metadata["layer"], tensors, metadata, dtype)
-        from stages.pack.storage import category
-
+        tensors, meta = stage_dir.read_unit(unit), PackedUnitMeta.from_json(stage_dir.read_metadata(unit))
+        if meta.moe:
+            _install_layer(model, adapter, meta.layer, tensors, meta, dtype)
+        if meta.nonexpert:
+            _install_nonexpert(model, adapter, meta.layer, tensors, meta, dtype)
         state.update({name: value.to(dtype) if value.is_floating_point() else value
                       for name, value in tensors.items() if category(name) == "unquantized"})
     model.load_state_dict(state, strict=False, assign=True)

@@ -1,8 +1,17 @@
-"""What a packed model costs: bytes per part, measured from the tensors written, beside METHOD.md §5.
+"""What a packed model costs, the one storage accounting of kbvq: the METHOD.md §5 formula (the paper's
+Appendix A.5) and the bytes per part measured from the tensors written. `kbvq pack` and `kbvq report`
+both count with these functions.
+
+Per layer and projection, `n` experts of `oc x ic`, shared rank `k`, `b` bits, vector length `d`:
+    bits = 16 k (ic + n oc)            shared basis + expert coefficients (16-bit)
+         + n oc ic b                   indices (b*d bits per d weights)
+         + n 2^(b d) d 16              codebooks (16-bit)
+         + n 2 oc 16                   BCOS scale and shift (16-bit; absent without BCOS)
+over `n oc ic` weights.
 
 Measured bits count exactly the stored tensors (16-bit values, bit-packed indices with at most 7 bits
 of padding per matrix); the formula counts `16 k (ic + n oc) + n oc ic b + n 2^(bd) d 16 + n 2 oc 16`
-per group of matrices sharing a basis (`stages.pack.layout.formula_groups`).
+per group of matrices sharing a basis (`kbvq_cli.packed.layout.formula_groups`).
 """
 
 from __future__ import annotations
@@ -10,8 +19,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.pack.accounting import projection_bits
-from stages.pack.layout import formula_groups
+from kbvq_cli.packed.layout import formula_groups
+from kbvq_cli.packed.schema import SCALAR, PackedUnitMeta
+from kbvq_cli.scalar_quant import gptq_bits
+
+
+@dataclass(frozen=True)
+class ProjectionBits:
+    shared: int
+    indices: int
+    codebooks: int
+    corrections: int
+    weights: int
+
+    @property
+    def total(self) -> int:
+        return self.shared + self.indices + self.codebooks + self.corrections
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total / self.weights
+
+
+def projection_bits(n: int, oc: int, ic: int, rank: int, bits: int, dim: int,
+                    corrected: bool = True, with_basis: bool = True, side: str = "input") -> ProjectionBits:
+    """`with_basis=False` for matrices whose coefficients use another group's basis (a shared expert
+    of another size stacked with the routed experts): only their `16 k n oc` coefficient bits count.
+    `side="output"` for a part shared on its output side (`klt-svd --down output`): its basis is
+    `k x oc` and its coefficients `k x ic`, so the shared term is `16 k (oc + n ic)`."""
+    basis_width, coeff_width = (ic, oc) if side == "input" else (oc, ic)
+    return ProjectionBits(
+        shared=16 * rank * ((basis_width if with_basis else 0) + n * coeff_width),
+        indices=n * oc * ic * bits,
+        codebooks=n * (2 ** (bits * dim)) * dim * 16,
+        corrections=n * 2 * oc * 16 if corrected else 0,
+        weights=n * oc * ic,
+    )
+
 
 CATEGORIES = {"shared_basis": "shared_basis", "expert_coeffs": "expert_coeffs", "indices": "indices",
               "codebook": "codebooks", "scale": "scale_shift", "shift": "scale_shift",
@@ -32,30 +76,28 @@ def category(name: str) -> str:
     return "unquantized"
 
 
-def moe_layer_storage(tensors: dict, metadata: dict, vq_config: dict, corrected: bool) -> dict:
-    """Bytes per part of one unit's tensors; for a quantized layer, its expert weights and formula bits."""
+def unit_storage(tensors: dict, meta: PackedUnitMeta) -> dict:
+    """Bytes per part of one packed unit's tensors; for a quantized layer, its expert weights and formula bits."""
     parts = {name: 0 for name in PART_ORDER}
     for name, tensor in tensors.items():
         parts[category(name)] += tensor.numel() * tensor.element_size()
     storage = {"bytes": parts, "expert_weights": 0, "formula_bits": 0}
-    if metadata.get("moe") and metadata.get("format") == "scalar":
-        from stages.gptq.core import gptq_bits
-
-        experts = _num_experts(tensors)
-        for name, (oc, ic) in metadata["shapes"].items():
-            total, weights = gptq_bits(oc, ic, metadata["bits"], metadata["group_size"])
+    if not meta.moe:
+        return storage
+    experts = _num_experts(tensors)
+    if meta.format == SCALAR:
+        for name, (oc, ic) in meta.shapes.items():
+            total, weights = gptq_bits(oc, ic, meta.bits, meta.group_size)
             count = 1 if name.startswith("shared.") else experts
             storage["expert_weights"] += count * weights
             storage["formula_bits"] += count * total
-    elif metadata.get("moe"):
-        shapes = {key: tuple(value) for key, value in metadata["shapes"].items()}
-        groups = formula_groups(shapes, metadata["parts"], _num_experts(tensors), metadata["shared_path"] is not None,
-                                metadata["shared_stacked"])
-        for group in groups:
-            counted = projection_bits(group.n, group.oc, group.ic, group.rank, vq_config["bits"], vq_config["dim"],
-                                      corrected=corrected, with_basis=group.with_basis, side=group.side)
-            storage["expert_weights"] += counted.weights
-            storage["formula_bits"] += counted.total
+        return storage
+    parts_meta = {name: {"side": part.side, "rank": part.rank} for name, part in meta.parts.items()}
+    for group in formula_groups(meta.shapes, parts_meta, experts, meta.shared_path is not None, meta.shared_stacked):
+        counted = projection_bits(group.n, group.oc, group.ic, group.rank, meta.bits, meta.dim,
+                                  corrected=meta.corrected, with_basis=group.with_basis, side=group.side)
+        storage["expert_weights"] += counted.weights
+        storage["formula_bits"] += counted.total
     return storage
 
 

@@ -217,3 +217,19 @@ def _group_weights(work, block, errors, factor, start: int, i: int, group_size: 
         return inside
     beyond = work[:, end:stop] - errors @ factor[start:end, end:stop]
     return torch.cat([inside, beyond], 1)
+
+
+def stored_tensors(q: QuantizedLinear, key: str) -> dict[str, torch.Tensor]:
+    """How a stage shard stores one quantized matrix under `key`: `key.codes`, `key.scale`, `key.zero`
+    (and `key.group_index`). The gptq and nonexpert stages write it; their readers read it back."""
+    tensors = {f"{key}.codes": q.codes, f"{key}.scale": q.scale, f"{key}.zero": q.zero}
+    if q.group_index is not None:
+        tensors[f"{key}.group_index"] = q.group_index
+    return tensors
+
+
+def from_stored(tensors: dict[str, torch.Tensor], key: str, group_size: int) -> QuantizedLinear:
+    """The inverse of `stored_tensors`. `group_size` is the stage's (its manifest config): without
+    act_order a unit does not say which columns a group spans when `ic` is not a multiple of it."""
+    return QuantizedLinear(tensors[f"{key}.codes"], tensors[f"{key}.scale"], tensors[f"{key}.zero"], group_size,
+                           tensors.get(f"{key}.group_index"))

@@ -5,7 +5,7 @@ the tokenizer files, `manifest.json`, and one safetensors shard per decoder laye
 `model_rest` (embeddings, final norm, lm_head). Unquantized tensors keep their in-memory transformers
 names (fused `mlp.experts.*` layout). For a quantized routed projection `P` of layer `i`, under
 `model.layers.i.mlp.experts.P.`:
-    indices        uint8 [E, ceil(oc * ic / d * b * d / 8)]   bit-packed, `b*d` bits each (stages.pack.bitpack)
+    indices        uint8 [E, ceil(oc * ic / d * b * d / 8)]   bit-packed, `b*d` bits each (kbvq_cli.packed.bitpack)
     codebook       16-bit [E, 2^(b d), d]
     scale, shift   16-bit [E, oc]                              BCOS (absent when bcos mode is none)
     shared_basis   16-bit [k, ic] (input side) or [k, oc] (output side)
