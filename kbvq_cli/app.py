@@ -101,7 +101,7 @@ def vq(
     bits: Annotated[Optional[int], typer.Option("--bits", help="Bits per weight: 2 or 3 (4 with --dim 2).")] = None,
     dim: Annotated[Optional[int], typer.Option("--dim", help="Sub-vector length d (default 4).")] = None,
     iters: Annotated[Optional[int], typer.Option("--iters", help="Lloyd iterations (default 100).")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="faiss (CPU) or torch (CPU/CUDA).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="auto (torch on CUDA, faiss on the CPU), faiss (CPU) or torch (CPU/CUDA).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="k-means++ seed (default 42).")] = None,
     error_feedback: Annotated[Optional[bool], typer.Option(
         "--error-feedback/--no-error-feedback", help="GPTQ-style error feedback in the assignment (GPTVQ, Table 5).")] = None,

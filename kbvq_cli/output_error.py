@@ -10,12 +10,30 @@ import torch
 
 
 def output_error(error: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
-    """`Tr(E C E^T)` (float64 scalar) of an error `E [oc, ic]` under input second moment `C [ic, ic]`."""
+    """`Tr(E C E^T)` (float64 scalar, exact) of an error `E [oc, ic]` under input second moment `C [ic, ic]`."""
     e = error.double()
     return ((e @ second_moment.double()) * e).sum()
 
 
+def _fast_trace(error: torch.Tensor, second_moment32: torch.Tensor) -> torch.Tensor:
+    """`Tr(E C E^T)` from a float32 product `E C` and a float64 sum of its rows against `E`.
+
+    The product is the only `oc x ic x ic` work; in float32 its relative error is about 1e-6 (the
+    tests hold it to 1e-5 of the float64 value), far below any difference a report shows, and it is
+    2x faster on a CPU and 32x on a consumer GPU than float64."""
+    e = error.float()
+    return ((e @ second_moment32) * e).sum(dtype=torch.float64)
+
+
+def relative_output_errors(weight: torch.Tensor, approxes: list[torch.Tensor], second_moment: torch.Tensor
+                           ) -> list[float]:
+    """`Tr(E C E^T) / Tr(W C W^T)` for `E = W - approx` of each approximation, the output energy
+    `Tr(W C W^T)` computed once."""
+    c32 = second_moment.float()
+    energy = _fast_trace(weight, c32).clamp_min(1e-30)
+    return [float(_fast_trace(weight - approx, c32) / energy) for approx in approxes]
+
+
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor) -> float:
     """`Tr(E C E^T) / Tr(W C W^T)` with `E = W - approx`: the output MSE relative to the output energy."""
-    error = output_error(weight - approx, second_moment)
-    return float(error / output_error(weight, second_moment).clamp_min(1e-30))
+    return relative_output_errors(weight, [approx], second_moment)[0]

@@ -14,7 +14,9 @@ class VqSettings:
     bits: int = 2
     dim: int = 4
     iters: int = 100
-    backend: Literal["faiss", "torch"] = "faiss"
+    # auto: k-means on the GPU (torch, experts batched) when the device is CUDA, faiss on the CPU. The
+    # manifest records the backend that ran, so a CPU run made before `auto` existed stays valid.
+    backend: Literal["auto", "faiss", "torch"] = "auto"
     seed: int = 42
     device: str = "auto"  # torch backend only
     # torch backend: routed experts of a layer quantized together (one batched kernel per step instead of

@@ -7,12 +7,14 @@ GPU, so a killed run resumes at the expert where it stopped.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from kbvq_cli.console import progress_bar
 from kbvq_cli.experts import PROJECTIONS, SHARED, layer_experts
 from kbvq_cli.model_files import ModelSource
-from kbvq_cli.output_error import relative_output_error
+from kbvq_cli.output_error import relative_output_errors
 from kbvq_cli.recipe import ResolvedStage
 from kbvq_cli.stage_run import StageRun, require_model
 from kbvq_cli.streaming import pick_device
@@ -27,8 +29,15 @@ from stages.vq.error_feedback import error_feedback_assign
 from stages.vq.reader import CODEBOOK_DTYPE, STAGE, VqExpertMeta, VqExpertUnit
 
 
+def concrete_backend(settings: VqSettings) -> VqSettings:
+    """`backend: auto` resolved: torch when the stage's device is CUDA (k-means on the GPU), else faiss."""
+    if settings.backend != "auto":
+        return settings
+    return replace(settings, backend="torch" if pick_device(settings.device).startswith("cuda") else "faiss")
+
+
 def run(resolved: ResolvedStage, restart: bool = False) -> dict:
-    settings: VqSettings = resolved.settings
+    resolved.settings = settings = concrete_backend(resolved.settings)  # what is hashed is what runs
     calibration, klt = Calibration(resolved.run_dir), KltSvd(resolved.run_dir)
     source = ModelSource(require_model(resolved))
     device = pick_device(settings.device) if settings.backend == "torch" else "cpu"
@@ -111,6 +120,6 @@ def quantize_group(experts, parts, stats, layer: int, group: list, settings: VqS
             found["relative_error"][projection] = float(
                 (residual - approx).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-30))
             share = weight - residual
-            found["output_error_before"][projection] = relative_output_error(weight, share, second)
-            found["output_error"][projection] = relative_output_error(weight, share + approx, second)
+            before, after = relative_output_errors(weight, [share, share + approx], second)
+            found["output_error_before"][projection], found["output_error"][projection] = before, after
     return [(VqExpertUnit(codebooks[e], indices[e]), VqExpertMeta(layer, e, **errors[e])) for e in group]
