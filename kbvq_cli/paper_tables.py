@@ -253,4 +253,4 @@ if __name__ == "__main__":  # python -m kbvq_cli.paper_tables TABLE MODEL: the p
 
     from rich.console import Console
 
-    Console().print(render_table(sys.argv[1], sys.argv[2], {}))
+    Console(markup=False, emoji=False).print(render_table(sys.argv[1], sys.argv[2], {}))

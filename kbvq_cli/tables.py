@@ -78,7 +78,7 @@ def _check(table: str, model: str) -> None:
 
 def run_table(table: str, model: str, run_missing: bool = True) -> dict:
     """Run (or resume) each row's recipe, then collect {(bits, method, metric): value}."""
-    from kbvq_cli.console import info
+    from kbvq_cli.console import heading
     from kbvq_cli.pipeline import run_recipe
 
     _check(table, model)
@@ -89,7 +89,7 @@ def run_table(table: str, model: str, run_missing: bool = True) -> dict:
         run = Path(f"runs/{model}/{row.variant}")
         values = measured_row(run, row.variant)
         if run_missing and not _complete(values):
-            info(f"[bold]=== table {table}, {model}: {row.variant}[/bold]")
+            heading(f"=== table {table}, {model}: {row.variant}")
             run = run_recipe(str(recipes[row.variant]), None)
             values = measured_row(run, row.variant)
         measured.update({(row.bits, row.method, metric): value for metric, value in values.items()})
