@@ -33,15 +33,15 @@ DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (CUD
 @contextmanager
 def user_errors():
     """Turn a KbvqError into `error: <message>` and exit status 2; Ctrl-C into a resume hint."""
-    from kbvq_cli.console import console
+    from kbvq_cli.console import error, info
 
     try:
         yield
-    except KbvqError as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+    except KbvqError as problem:
+        error(str(problem))
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("interrupted; rerun the same command to resume where it stopped")
+        info("interrupted; rerun the same command to resume where it stopped")
         raise typer.Exit(130) from None
 
 

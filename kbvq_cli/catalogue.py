@@ -1,9 +1,10 @@
 """The recipes that rebuild the paper's tables: models x variants, and which variant fills which row.
 
 `recipes/<model>/<variant>.yaml` are written from this table (`python -m kbvq_cli.catalogue --write`,
-checked by a test), so every model has the same variants with the same settings. All variants of one
-model share one calibration (`runs/<model>/calibration`), the expensive pass; each variant's other
-stages live in `runs/<model>/<variant>`.
+run from the repository's root; checked by a test), so every model has the same variants with the same
+settings; they ship inside the package, where `recipe_path` finds them (kbvq_cli/package_data.py). All
+variants of one model share one calibration (`runs/<model>/calibration`), the expensive pass; each
+variant's other stages live in `runs/<model>/<variant>`.
 
 A variant is a method (kbvq, gptq, fp16) plus stage settings: plain VQ is kbvq with `rank: 0` and no
 BCOS; IDRE-only drops BCOS; BCOS-only drops the shared part; the others are named after the paper's
@@ -15,9 +16,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes"
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,10 @@ TABLE_ROWS: dict[str, tuple[Row, ...]] = {
 
 
 def recipe_path(model: str, variant: str) -> Path:
-    return RECIPES / model / f"{variant}.yaml"
+    """The shipped recipe of `variant` on `model` (its paths are relative to the working directory)."""
+    from kbvq_cli.package_data import recipes_dir
+
+    return recipes_dir() / model / f"{variant}.yaml"
 
 
 def run_dir(model: str, variant: str) -> str:
@@ -174,12 +175,12 @@ def recipe_text(model: Model, variant: Variant) -> str:
     return header + yaml.safe_dump(recipe_data(model, variant), sort_keys=False)
 
 
-def write_recipes(check: bool = False) -> list[Path]:
-    """Write every model's recipes (or, with check, list those that differ from the catalogue)."""
+def write_recipes(directory: Path, check: bool = False) -> list[Path]:
+    """Write every model's recipes under `directory` (or, with check, list those that differ from the catalogue)."""
     stale = []
     for model in MODELS.values():
         for variant in VARIANTS.values():
-            path, text = recipe_path(model.name, variant.name), recipe_text(model, variant)
+            path, text = directory / model.name / f"{variant.name}.yaml", recipe_text(model, variant)
             if not path.exists() or path.read_text() != text:
                 stale.append(path)
                 if not check:
@@ -188,9 +189,21 @@ def write_recipes(check: bool = False) -> list[Path]:
     return stale
 
 
-if __name__ == "__main__":
-    stale = write_recipes(check="--check" in sys.argv)
-    if "--check" in sys.argv and stale:
+def main(argv: list[str]) -> int:
+    # A developer tool: it writes the repository's recipes/, which the working directory must be the root
+    # of. Not the installed package's copy, which a wheel install holds in site-packages.
+    check, directory = "--check" in argv, Path("recipes")
+    if not (directory.is_dir() and Path("kbvq_cli", "catalogue.py").is_file()):
+        print(f"error: run python -m kbvq_cli.catalogue from the kbvq repository's root (no ./recipes and "
+              f"./kbvq_cli in {Path.cwd()})", file=sys.stderr)
+        return 2
+    stale = write_recipes(directory, check=check)
+    if check and stale:
         print(f"{len(stale)} recipe(s) differ from kbvq_cli/catalogue.py; run python -m kbvq_cli.catalogue --write")
-        sys.exit(1)
-    print(f"{'checked' if '--check' in sys.argv else 'wrote'} recipes for {len(MODELS)} models x {len(VARIANTS)} variants")
+        return 1
+    print(f"{'checked' if check else 'wrote'} recipes for {len(MODELS)} models x {len(VARIANTS)} variants")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

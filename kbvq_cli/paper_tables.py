@@ -3,7 +3,7 @@
 Each cell renders as "ours / paper": "9.84 / 9.61"; "— / 9.61" where we have not measured it yet;
 "9.84 / —" where the paper has no number (always the case for the test-bed model, which is not in the
 paper). Rows and columns follow the paper's order, taken from the order of tables/paper.csv.
-Imports only the standard library and rich, so it is cheap to import from the CLI.
+Imports only the standard library, rich and kbvq_cli.package_data, so it is cheap to import from the CLI.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from rich.table import Table
 
+from kbvq_cli.package_data import paper_csv
+
 Bits = Optional[float]  # the row's nominal bit width as printed; None where the paper prints none (Table 16)
 RowKey = tuple[Bits, str]  # (bits, method)
 MeasuredKey = tuple[Bits, str, str]  # (bits, method, metric)
 
-PAPER_CSV = Path(__file__).resolve().parent.parent / "tables" / "paper.csv"
+PAPER_CSV = paper_csv()  # tables/paper.csv, shipped in the package (kbvq_cli/package_data.py)
 CSV_COLUMNS = ["table", "model", "bits", "method", "metric", "value"]
 MISSING = "—"
 ALL_MODELS = "all"  # a number the paper prints once for every model of its table (Table 7 bits, Table 8 ratio)
@@ -251,4 +253,4 @@ if __name__ == "__main__":  # python -m kbvq_cli.paper_tables TABLE MODEL: the p
 
     from rich.console import Console
 
-    Console().print(render_table(sys.argv[1], sys.argv[2], {}))
+    Console(markup=False, emoji=False).print(render_table(sys.argv[1], sys.argv[2], {}))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kbvq_cli.console import console, info
+from kbvq_cli.console import console, heading
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.recipe import load_recipe, model_short_name, resolve_stage, validate_recipe
 from kbvq_cli.registry import STAGES, pipeline_stages
@@ -36,7 +36,7 @@ def run_recipe(recipe_path: str, run: str | None, *, dry_run: bool = False) -> P
             console.print(f"  {name}: {settings}")
         return Path(run_dir)
     for name in stages:
-        info(f"[bold]== {name}[/bold]")
+        heading(f"== {name}")
         if name == "calibrate" and recipe.calibration:
             run_shared_calibration(recipe_path, recipe.calibration, Path(run_dir))
             continue

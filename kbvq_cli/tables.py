@@ -78,20 +78,32 @@ def _check(table: str, model: str) -> None:
 
 def run_table(table: str, model: str, run_missing: bool = True) -> dict:
     """Run (or resume) each row's recipe, then collect {(bits, method, metric): value}."""
-    from kbvq_cli.console import info
+    from kbvq_cli.console import heading
     from kbvq_cli.pipeline import run_recipe
 
     _check(table, model)
+    recipes = _recipes(table, model)
     measured = {}
     for row in TABLE_ROWS[table]:
+        # Runs live under the working directory, as the recipes' own paths (run, calibration, test-bed) do.
         run = Path(f"runs/{model}/{row.variant}")
         values = measured_row(run, row.variant)
         if run_missing and not _complete(values):
-            info(f"[bold]=== table {table}, {model}: {row.variant}[/bold]")
-            run = run_recipe(str(recipe_path(model, row.variant)), None)
+            heading(f"=== table {table}, {model}: {row.variant}")
+            run = run_recipe(str(recipes[row.variant]), None)
             values = measured_row(run, row.variant)
         measured.update({(row.bits, row.method, metric): value for metric, value in values.items()})
     return measured
+
+
+def _recipes(table: str, model: str) -> dict[str, Path]:
+    """variant -> its shipped recipe, for every row; all are looked up first, so that a broken install
+    fails before the first recipe runs, not hours later at a missing one."""
+    recipes = {row.variant: recipe_path(model, row.variant) for row in TABLE_ROWS[table]}
+    missing = [str(path) for path in recipes.values() if not path.is_file()]
+    if missing:
+        raise KbvqError(f"table {table} needs recipes this kbvq install lacks: {', '.join(missing)}; reinstall kbvq")
+    return recipes
 
 
 def _complete(values: dict) -> bool:

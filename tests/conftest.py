@@ -1,4 +1,5 @@
-"""Session fixtures: tiny random models of every architecture, and calibration text, built offline."""
+"""Session fixtures: tiny random models of every architecture and calibration text, built offline; the
+built mini test-bed, where there is one."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tiny_models import CONFIGS, build_tiny_model, write_text  # noqa: E402
 
 ARCHITECTURES = tuple(CONFIGS)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +41,13 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def calib_text(tmp_path_factory) -> Path:
     return write_text(tmp_path_factory.mktemp("data") / "calib.txt", n_sentences=800, seed=1)
+
+
+@pytest.fixture(scope="session")
+def testbed_mini() -> Path:
+    """The repository's built mini test-bed. Building it takes about a minute (`make testbed-mini`), so
+    outside CI a test that needs it is skipped when it is absent; CI builds it first and fails without it."""
+    directory = REPO / "testbed-mini"
+    if not (directory / "testbed.json").exists() and os.environ.get("CI") != "true":
+        pytest.skip("build the mini test-bed first: make testbed-mini")
+    return directory

@@ -1,18 +1,10 @@
 """`kbvq bcos --propagate`: corrections from the quantized model's own stream."""
 
 import torch
-from typer.testing import CliRunner
 
-from kbvq_cli.app import app
+from cli_util import invoke
 from kbvq_cli.stage_dir import StageDir
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_propagated_corrections_follow_the_quantized_stream(tiny_model_dir, calib_text, tmp_path):

@@ -6,15 +6,8 @@ import sys
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from kbvq_cli.app import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from cli_util import run_cli
 
 
 def assert_one_line_error(result, pattern):
@@ -41,44 +34,44 @@ def test_unknown_architecture_is_refused_by_name(tmp_path, calib_text):
     model = tmp_path / "llama"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    result = invoke("calibrate", "--model", model, "--data", calib_text, "--run", tmp_path / "run")
+    result = run_cli("calibrate", "--model", model, "--data", calib_text, "--run", tmp_path / "run")
     assert_one_line_error(result, "architecture 'llama' is not supported; supported: deepseek_v2, mixtral")
 
 
 def test_missing_model_directory(tmp_path):
-    result = invoke("calibrate", "--model", tmp_path / "nope", "--run", tmp_path / "run")
+    result = run_cli("calibrate", "--model", tmp_path / "nope", "--run", tmp_path / "run")
     assert_one_line_error(result, "is not a directory")
 
 
 def test_hub_id_offline_says_to_pass_a_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = invoke("calibrate", "--model", "Qwen/Qwen1.5-MoE-A2.7B", "--run", tmp_path / "run")
+    result = run_cli("calibrate", "--model", "Qwen/Qwen1.5-MoE-A2.7B", "--run", tmp_path / "run")
     assert_one_line_error(result, "pass a local model directory instead")
 
 
 def test_bits_out_of_range(tmp_path):
-    result = invoke("vq", "--run", tmp_path / "run", "--bits", "5")
+    result = run_cli("vq", "--run", tmp_path / "run", "--bits", "5")
     assert_one_line_error(result, "bits=5 is out of range for dim 4; valid: bits 2 or 3 with dim 4")
 
 
 def test_recipe_with_unknown_key_and_bad_yaml(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: x\nvq: {bitz: 2}\n")
-    assert_one_line_error(invoke("run", "--recipe", recipe, "--dry-run"), "unknown setting(s) bitz")
+    assert_one_line_error(run_cli("run", "--recipe", recipe, "--dry-run"), "unknown setting(s) bitz")
     recipe.write_text("model: [unclosed\n")
-    assert_one_line_error(invoke("run", "--recipe", recipe, "--dry-run"), "is not valid YAML")
+    assert_one_line_error(run_cli("run", "--recipe", recipe, "--dry-run"), "is not valid YAML")
 
 
 def test_dry_run_validates_and_prints_the_plan(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": "some/model", "vq": {"bits": 3}}))
-    result = invoke("run", "--recipe", recipe, "--dry-run")
+    result = run_cli("run", "--recipe", recipe, "--dry-run")
     assert result.exit_code == 0, result.output
     assert "bits=3" in result.output and "calibrate:" in result.output
 
 
 def test_too_little_calibration_text(tiny_model_dir, calib_text, tmp_path):
-    result = invoke("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text,
+    result = run_cli("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text,
                     "--samples", 100000, "--seqlen", 64, "--run", tmp_path / "run")
     assert_one_line_error(result, "lower --samples or --seqlen")
 
@@ -86,16 +79,16 @@ def test_too_little_calibration_text(tiny_model_dir, calib_text, tmp_path):
 def test_changed_recipe_under_existing_run_is_refused(tiny_model_dir, calib_text, tmp_path):
     args = ["calibrate", "--model", tiny_model_dir("olmoe"), "--data", calib_text, "--seqlen", 32,
             "--run", tmp_path / "run"]
-    assert invoke(*args, "--samples", 4).exit_code == 0
-    assert_one_line_error(invoke(*args, "--samples", 5), "config.samples: 4 -> 5")
-    result = invoke(*args, "--samples", 5, "--restart")
+    assert run_cli(*args, "--samples", 4).exit_code == 0
+    assert_one_line_error(run_cli(*args, "--samples", 5), "config.samples: 4 -> 5")
+    result = run_cli(*args, "--samples", 5, "--restart")
     assert result.exit_code == 0, result.output
 
 
 def test_default_run_directory_is_named_after_the_model(tiny_model_dir, calib_text, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = tiny_model_dir("mixtral")
-    result = invoke("calibrate", "--model", model, "--data", calib_text, "--samples", 2, "--seqlen", 16)
+    result = run_cli("calibrate", "--model", model, "--data", calib_text, "--samples", 2, "--seqlen", 16)
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / model.name
     assert (run / "calibrate" / "manifest.json").exists()
@@ -106,38 +99,38 @@ def test_default_run_directory_is_named_after_the_model(tiny_model_dir, calib_te
 def test_finished_stage_is_not_redone(tiny_model_dir, calib_text, tmp_path):
     args = ["calibrate", "--model", tiny_model_dir("olmoe"), "--data", calib_text, "--samples", 2,
             "--seqlen", 16, "--run", tmp_path / "run"]
-    assert invoke(*args).exit_code == 0
-    again = invoke(*args)
+    assert run_cli(*args).exit_code == 0
+    again = run_cli(*args)
     assert again.exit_code == 0 and "already complete" in again.output
 
 
 @pytest.mark.parametrize("spec", ["missing.txt", "./nowhere/"])
 def test_missing_local_data(spec, tiny_model_dir, tmp_path):
-    result = invoke("calibrate", "--model", tiny_model_dir("olmoe"), "--data", tmp_path / spec,
+    result = run_cli("calibrate", "--model", tiny_model_dir("olmoe"), "--data", tmp_path / spec,
                     "--run", tmp_path / "run")
     assert_one_line_error(result, "does not exist")
 
 
 def test_corrupt_upstream_shard_is_reported_not_used(tiny_model_dir, calib_text, tmp_path):
     run = tmp_path / "run"
-    assert invoke("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text, "--samples", 2,
+    assert run_cli("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text, "--samples", 2,
                   "--seqlen", 16, "--run", run).exit_code == 0
     shard = run / "calibrate" / "layer_001.safetensors"
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0x10
     shard.write_bytes(bytes(data))
-    assert_one_line_error(invoke("klt-svd", "--run", run), "layer_001.safetensors")
+    assert_one_line_error(run_cli("klt-svd", "--run", run), "layer_001.safetensors")
     assert not (run / "klt-svd" / "layer_001.safetensors").exists()
 
 
 def test_unfinished_upstream_is_refused(tiny_model_dir, calib_text, tmp_path):
     run = tmp_path / "run"
-    assert invoke("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text, "--samples", 2,
+    assert run_cli("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text, "--samples", 2,
                   "--seqlen", 16, "--run", run).exit_code == 0
     manifest = run / "calibrate" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
-    assert_one_line_error(invoke("vq", "--run", run), "is unfinished; rerun `kbvq calibrate")
-    assert_one_line_error(invoke("klt-svd", "--run", run), "calibrate in")
+    assert_one_line_error(run_cli("vq", "--run", run), "is unfinished; rerun `kbvq calibrate")
+    assert_one_line_error(run_cli("klt-svd", "--run", run), "calibrate in")
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(tiny_model_dir, calib_text, tmp_path):
@@ -145,6 +138,6 @@ def test_cuda_without_a_gpu_is_a_clear_error(tiny_model_dir, calib_text, tmp_pat
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = invoke("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text, "--device", "cuda",
+    result = run_cli("calibrate", "--model", tiny_model_dir("qwen3_moe"), "--data", calib_text, "--device", "cuda",
                     "--run", tmp_path / "run")
     assert_one_line_error(result, "no CUDA device is visible; use --device cpu")

@@ -7,22 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from kbvq_cli.app import app
+from cli_util import invoke, last_json
 
-runner = CliRunner()
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval_tasks"
-
-
-def invoke(*args, code=0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result
-
-
-def last_json(result) -> dict:
-    return json.loads(result.output.strip().splitlines()[-1])
 
 
 def direct_perplexity(model, tokenizer, text: str, seqlen: int) -> float:

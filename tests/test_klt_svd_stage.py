@@ -2,20 +2,14 @@
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from kbvq_cli.app import app
+from cli_util import invoke
 from kbvq_cli.experts import layer_experts
 from kbvq_cli.model_files import ModelSource
 from stages.klt_svd.reader import KltSvd
 
-runner = CliRunner()
-
-
 def calibrated_run(model_dir, calib_text, run_dir):
-    result = runner.invoke(app, ["calibrate", "--model", str(model_dir), "--data", str(calib_text),
-                                 "--samples", "4", "--seqlen", "32", "--run", str(run_dir)])
-    assert result.exit_code == 0, result.output
+    invoke("calibrate", "--model", model_dir, "--data", calib_text, "--samples", 4, "--seqlen", 32, "--run", run_dir)
     return run_dir
 
 
@@ -23,8 +17,7 @@ def calibrated_run(model_dir, calib_text, run_dir):
 def test_klt_svd_writes_parts_that_reconstruct(model_type, tiny_model_dir, calib_text, tmp_path):
     model_dir = tiny_model_dir(model_type)
     run = calibrated_run(model_dir, calib_text, tmp_path / "run")
-    result = runner.invoke(app, ["klt-svd", "--run", str(run), "--rank", "4"])
-    assert result.exit_code == 0, result.output
+    invoke("klt-svd", "--run", run, "--rank", 4)
     klt = KltSvd(run)
     source = ModelSource(str(model_dir))
     for index in klt.layers():
@@ -43,20 +36,17 @@ def test_klt_svd_writes_parts_that_reconstruct(model_type, tiny_model_dir, calib
 
 def test_rank_zero_and_down_options(tiny_model_dir, calib_text, tmp_path):
     run = calibrated_run(tiny_model_dir("qwen3_moe"), calib_text, tmp_path / "run")
-    assert runner.invoke(app, ["klt-svd", "--run", str(run), "--rank", "0"]).exit_code == 0
+    invoke("klt-svd", "--run", run, "--rank", 0)
     parts = KltSvd(run).layer(0)
     assert parts.share("gate", 0).abs().max() == 0
-    refused = runner.invoke(app, ["klt-svd", "--run", str(run), "--rank", "2", "--down", "output"])
-    assert refused.exit_code == 2 and "--restart" in refused.output
-    redo = runner.invoke(app, ["klt-svd", "--run", str(run), "--rank", "2", "--down", "output", "--no-klt",
-                               "--restart"])
-    assert redo.exit_code == 0, redo.output
+    refused = invoke("klt-svd", "--run", run, "--rank", 2, "--down", "output", code=2)
+    assert "--restart" in refused.output
+    invoke("klt-svd", "--run", run, "--rank", 2, "--down", "output", "--no-klt", "--restart")
     parts = KltSvd(run).layer(0)
     assert parts.parts["down"].side == "output" and parts.parts["gate"].klt is False
     assert parts.tensors["down.shared_basis"].shape == (2, 64)
 
 
 def test_klt_svd_needs_calibration(tmp_path):
-    result = runner.invoke(app, ["klt-svd", "--run", str(tmp_path / "empty")])
-    assert result.exit_code == 2
+    result = invoke("klt-svd", "--run", tmp_path / "empty", code=2)
     assert "stage calibrate has not been run" in result.output

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from kbvq_cli.app import app
+from cli_util import invoke
 from kbvq_cli.experts import layer_experts
 from kbvq_cli.model_files import ModelSource
 from resume_util import kill_after_units, run_to_end, shard_hashes
@@ -13,13 +12,6 @@ from stages.klt_svd.reader import KltSvd
 from stages.vq.reader import VqCodes
 from tiny_models import build_tiny_model, write_text
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def pipeline(model, text, run, rank, mode, bits=2):

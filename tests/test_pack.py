@@ -5,21 +5,13 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from kbvq_cli.app import app
+from cli_util import invoke
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.stage_dir import StageDir
 from kbvq_cli.units import layer_unit
 from tiny_models import CONFIGS
 
-runner = CliRunner()
-
-
-def invoke(*args, code=0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result
 
 
 def quantize(model, text, run, bits=2, dim=4, rank=2, mode="full", down="pooled"):

@@ -1,13 +1,12 @@
 """Every recipe shipped in recipes/ validates (`kbvq run --dry-run`) and is what the catalogue writes."""
 
-from pathlib import Path
-
 import pytest
 from typer.testing import CliRunner
 
+from conftest import REPO
 from kbvq_cli.app import app
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("**/*.yaml"))
+RECIPES = sorted((REPO / "recipes").glob("**/*.yaml"))
 
 
 def test_there_are_recipes():
@@ -19,7 +18,17 @@ def test_there_are_recipes():
 def test_recipes_are_what_the_catalogue_writes():
     from kbvq_cli.catalogue import write_recipes
 
-    assert write_recipes(check=True) == []
+    assert write_recipes(REPO / "recipes", check=True) == []
+
+
+def test_the_catalogue_writes_the_repository_recipes_only_from_its_root(tmp_path, monkeypatch, capsys):
+    from kbvq_cli.catalogue import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--check"]) == 2 and "from the kbvq repository's root" in capsys.readouterr().err
+    assert not (tmp_path / "recipes").exists()
+    monkeypatch.chdir(REPO)
+    assert main(["--check"]) == 0 and "checked recipes" in capsys.readouterr().out
 
 
 def test_every_table_row_has_a_recipe_and_a_paper_row():

@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from kbvq_cli.app import app
+from cli_util import invoke
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.stage_dir import StageDir
 from kbvq_cli.units import layer_unit
@@ -19,16 +18,9 @@ from kbvq_cli.packed.storage import projection_bits
 from stages.report.build import choose_layers, default_layers, write_report
 from stages.report.core import output_similarity, pooled_channel_stats
 
-runner = CliRunner()
 STARVED_BELOW = 100
 FIGURES = ("spectrum_layer_000.png", "spectrum_layer_001.png", "similarity_layer_000.png",
            "similarity_layer_001.png", "drift_layer_000.png", "drift_layer_001.png", "storage.png", "expert_load.png")
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -277,5 +269,4 @@ def test_cli_report_after_a_real_pack(runs, tmp_path):
     assert int(rows["VQ indices"][1]) == storage["parts"]["indices"]
     assert int(rows["codebooks"][1]) == storage["parts"]["codebooks"]
     assert f"{storage['bytes_on_disk']} bytes on disk" in text
-    result = CliRunner().invoke(app, ["report", "--run", str(packed), "--layers", "x"])
-    assert result.exit_code == 2 and "--layers takes" in result.output
+    assert "--layers takes" in invoke("report", "--run", packed, "--layers", "x", code=2).output

@@ -8,19 +8,11 @@ per-layer stages are rewound to a partial manifest, which is exactly what a kill
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from kbvq_cli.app import app
+from cli_util import invoke
 from resume_util import kill_after_units, run_to_end, shard_hashes
 from tiny_models import build_tiny_model
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def rewind(stage_dir, keep: int) -> None:

@@ -2,25 +2,14 @@
 taken from the runs' own results (eval results.json, pack storage)."""
 
 import json
-import os
-from pathlib import Path
 
-import pytest
-from typer.testing import CliRunner
-
-from kbvq_cli.app import app
-
-ROOT = Path(__file__).resolve().parents[1]
-TESTBED = ROOT / "testbed-mini"
-pytestmark = pytest.mark.skipif(not (TESTBED / "testbed.json").exists() and os.environ.get("CI") != "true",
-                                reason="build the mini test-bed first: make testbed-mini")
+from cli_util import invoke, run_cli
 
 
-def test_table_15_on_the_mini_test_bed(tmp_path, monkeypatch):
+def test_table_15_on_the_mini_test_bed(testbed_mini, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "testbed-mini").symlink_to(TESTBED)  # recipes name the test-bed relative to the working dir
-    result = CliRunner().invoke(app, ["table", "15", "--model", "testbed-mini", "--markdown", "t15.md"])
-    assert result.exit_code == 0, result.output
+    (tmp_path / "testbed-mini").symlink_to(testbed_mini)  # recipes name the test-bed relative to the working dir
+    invoke("table", "15", "--model", "testbed-mini", "--markdown", "t15.md")
     lines = [line for line in (tmp_path / "t15.md").read_text().splitlines() if line.startswith("|")]
     assert len(lines) == 2 + 4  # header, separator, idre-only, bcos-mean, bcos-var, kbvq
     runs = tmp_path / "runs" / "testbed-mini"
@@ -32,11 +21,10 @@ def test_table_15_on_the_mini_test_bed(tmp_path, monkeypatch):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[2] == f"{entry['ppl']:.2f} / —"
         assert cells[-1].startswith(f"{storage['bits_per_expert_weight']:.2f} /")
-    again = CliRunner().invoke(app, ["table", "15", "--model", "testbed-mini", "--no-run"])
-    assert again.exit_code == 0 and "== vq" not in again.output
+    again = invoke("table", "15", "--model", "testbed-mini", "--no-run")
+    assert "== vq" not in again.output
 
 
 def test_table_refusals():
-    runner = CliRunner()
-    assert "no recipe set for table 6" in runner.invoke(app, ["table", "6", "--no-run"]).output
-    assert "unknown model 'llama'" in runner.invoke(app, ["table", "1", "--model", "llama", "--no-run"]).output
+    assert "no recipe set for table 6" in run_cli("table", "6", "--no-run").output
+    assert "unknown model 'llama'" in run_cli("table", "1", "--model", "llama", "--no-run").output

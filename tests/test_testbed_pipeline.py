@@ -5,40 +5,32 @@ is skipped with that instruction when it is absent.
 """
 
 import json
-import os
 from pathlib import Path
 
-import pytest
 import yaml
-from typer.testing import CliRunner
 
-from kbvq_cli.app import app
+from cli_util import invoke
+from conftest import REPO
 from kbvq_cli.stage_dir import StageDir
 from test_method_end_to_end import held_out_block_inputs, output_error
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTBED = ROOT / "testbed-mini"
-pytestmark = pytest.mark.skipif(not (TESTBED / "testbed.json").exists() and os.environ.get("CI") != "true",
-                                reason="build the mini test-bed first: make testbed-mini")
 
-
-def run_recipe(tmp_path: Path, name: str, **stage_overrides) -> Path:
-    recipe = yaml.safe_load((ROOT / "recipes" / "testbed-mini" / "kbvq-w2.yaml").read_text())
-    recipe["model"] = str(TESTBED)
+def run_recipe(testbed: Path, tmp_path: Path, name: str, **stage_overrides) -> Path:
+    recipe = yaml.safe_load((REPO / "recipes" / "testbed-mini" / "kbvq-w2.yaml").read_text())
+    recipe["model"] = str(testbed)
     recipe["calibration"] = str(tmp_path / "calibration")  # one calibration for both runs
-    recipe["calibrate"]["data"] = str(TESTBED / "calib.txt")
-    recipe["eval"]["ppl_data"] = str(TESTBED / "test.txt")
+    recipe["calibrate"]["data"] = str(testbed / "calib.txt")
+    recipe["eval"]["ppl_data"] = str(testbed / "test.txt")
     for stage, settings in stage_overrides.items():
         recipe.setdefault(stage.replace("_", "-"), {}).update(settings)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    result = CliRunner().invoke(app, ["run", "--recipe", str(path), "--run", str(tmp_path / name)])
-    assert result.exit_code == 0, result.output
+    invoke("run", "--recipe", path, "--run", tmp_path / name)
     return tmp_path / name
 
 
-def test_kbvq_on_the_trained_test_bed(tmp_path):
-    kbvq = run_recipe(tmp_path, "kbvq")
+def test_kbvq_on_the_trained_test_bed(testbed_mini, tmp_path):
+    kbvq = run_recipe(testbed_mini, tmp_path, "kbvq")
     summary = {stage: StageDir.open_finished(kbvq, stage).manifest["summary"] for stage in ("klt-svd", "vq", "bcos")}
     assert 0 < summary["klt-svd"]["mean_rho_k"] < 1
     assert summary["vq"]["mean_relative_output_error"] < summary["vq"]["mean_relative_output_error_shared_part_only"]
@@ -46,7 +38,7 @@ def test_kbvq_on_the_trained_test_bed(tmp_path):
     results = json.loads((kbvq / "eval" / "results.json").read_text())["entries"]
     (entry,) = results.values()
     assert entry["ppl"] > 1 and entry["tokens_scored"] > 30000
-    plain = run_recipe(tmp_path, "plain", klt_svd={"rank": 0}, bcos={"mode": "none"})
+    plain = run_recipe(testbed_mini, tmp_path, "plain", klt_svd={"rank": 0}, bcos={"mode": "none"})
     assert (plain / "calibrate").resolve() == (kbvq / "calibrate").resolve() == (tmp_path / "calibration" / "calibrate")
-    inputs = held_out_block_inputs(TESTBED, TESTBED / "val.txt")
-    assert output_error(kbvq, TESTBED, inputs) < output_error(plain, TESTBED, inputs)
+    inputs = held_out_block_inputs(testbed_mini, testbed_mini / "val.txt")
+    assert output_error(kbvq, testbed_mini, inputs) < output_error(plain, testbed_mini, inputs)

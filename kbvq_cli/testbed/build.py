@@ -96,14 +96,15 @@ def evaluate_saved(directory: Path, seq_len: int, batch_size: int) -> dict[str, 
     """Reload the written model and tokenizer and measure val/test perplexity: {split: Evaluation json}."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kbvq_cli.perplexity import token_stream
     from kbvq_cli.testbed.evaluate import evaluate
-    from kbvq_cli.testbed.tokenizer import encode_text
 
     model = AutoModelForCausalLM.from_pretrained(str(directory))
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     results = {}
     for split in EVALUATED:
-        token_ids = encode_text(tokenizer, (directory / f"{split}.txt").read_text(encoding="utf-8"))
+        # Tokenized as `kbvq eval --ppl-data DIR/SPLIT.txt` tokenizes it (a .txt file is one document).
+        token_ids = token_stream([(directory / f"{split}.txt").read_text(encoding="utf-8")], tokenizer)
         results[split] = evaluate(model, token_ids, seq_len, batch_size).to_json()
     return results
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ LIBRARIES = ("torch", "transformers", "tokenizers")
 
 def code_sha256() -> str:
     """sha256 over the source of WEIGHT_MODULES, in that order."""
-    package = Path(__file__).parent
-    return sha256_bytes(b"".join((package / name).read_bytes() for name in WEIGHT_MODULES))
+    package = resources.files("kbvq_cli.testbed")  # the same bytes in a wheel as in the source tree
+    return sha256_bytes(b"".join(package.joinpath(name).read_bytes() for name in WEIGHT_MODULES))
 
 
 def library_versions() -> dict[str, str]:

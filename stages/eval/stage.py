@@ -105,13 +105,13 @@ def run(resolved: ResolvedStage, restart: bool = False, model_dir: str | None = 
 def _measure(results: "ResultsFile", identity: dict, settings, todo: dict, model, tokenizer, device) -> None:
     if "ppl" in todo:
         from kbvq_cli.data import load_documents
-        from stages.eval.perplexity import full_windows, perplexity, token_stream
+        from kbvq_cli.perplexity import perplexity, token_stream, windows
 
         ids = token_stream(load_documents(settings.ppl_data, settings.text_field, "test", "--ppl-data"),
                            tokenizer, settings.max_tokens)
         with progress_bar() as progress:
-            task = progress.add_task("perplexity windows", total=full_windows(ids, settings.seqlen).shape[0])
-            measured = perplexity(model, ids, settings.seqlen, device, lambda: progress.advance(task))
+            task = progress.add_task("perplexity windows", total=windows(ids, settings.seqlen).shape[0])
+            measured = perplexity(model, ids, settings.seqlen, device=device, on_batch=lambda _: progress.advance(task))
         results.record(todo["ppl"], {"measure": "ppl", "model": identity, "settings": ppl_settings(settings),
                                      **measured.to_json()})
     tasks = [task for task in settings.task_list if task in todo]
