@@ -200,6 +200,7 @@ def evaluate(
         "--model", help="Evaluate this model directory (original or packed) instead of RUN/pack.")] = None,
     ppl_data: Annotated[Optional[str], typer.Option(
         "--ppl-data", help="Perplexity text: dataset id[:config][@split] or a local file (default WikiText-2 test); none skips.")] = None,
+    text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of --ppl-data.")] = None,
     seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Perplexity window (default 4096).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Score only the first N tokens.")] = None,
     tasks: Annotated[Optional[str], typer.Option(
@@ -223,8 +224,8 @@ def evaluate(
             raise KbvqError("`kbvq eval` needs --run RUN (its packed model) or --model DIR")
         if run is None and recipe is None:
             run = str(Path("runs") / f"eval-{model_short_name(model)}")
-        overrides = dict(ppl_data=ppl_data, seqlen=seqlen, max_tokens=max_tokens, tasks=tasks, task_dir=task_dir,
-                         limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, device=device)
+        overrides = dict(ppl_data=ppl_data, text_field=text_field, seqlen=seqlen, max_tokens=max_tokens, tasks=tasks,
+                         task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, device=device)
         resolved = resolve_stage("eval", run=run, recipe_path=recipe, model=None, overrides=overrides)
         run_eval(resolved, restart=restart, model_dir=model, as_json=as_json)
 
