@@ -58,7 +58,7 @@ def test_hub_id_offline_says_to_pass_a_directory(tmp_path, monkeypatch):
 
 def test_bits_out_of_range(tmp_path):
     result = invoke("vq", "--run", tmp_path / "run", "--bits", "5")
-    assert_one_line_error(result, "bits=5 is out of range for dim 4; use one of 2, 3")
+    assert_one_line_error(result, "bits=5 is out of range for dim 4; valid: bits 2 or 3 with dim 4")
 
 
 def test_recipe_with_unknown_key_and_bad_yaml(tmp_path):

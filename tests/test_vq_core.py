@@ -138,7 +138,7 @@ def test_progress_callback_sees_each_iteration():
 
 @pytest.mark.parametrize("bits, dim", [(4, 4), (1, 4), (5, 2), (2, 3)])
 def test_bits_and_dim_validation(bits, dim):
-    with pytest.raises(KbvqError, match="dim 4 with bits 2 or 3"):
+    with pytest.raises(KbvqError, match="bits 2 or 3 with dim 4"):
         codebook_size(bits, dim)
 
 

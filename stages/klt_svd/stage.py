@@ -25,6 +25,7 @@ from kbvq_cli.stage_dir import layer_unit
 from kbvq_cli.streaming import pick_device
 from stages.calibrate.reader import Calibration, CalibrationLayer
 from stages.klt_svd.core import damped_klt, decompose, select_rank
+from stages.klt_svd.rank_limit import check_rank_fits
 
 STAGE = "klt-svd"
 STORE_DTYPE = torch.float16
@@ -34,6 +35,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     settings = resolved.settings
     calibration = Calibration(resolved.run_dir)
     source = ModelSource(require_model(resolved))
+    check_rank_fits(source, settings)  # before anything is written: refused, the run is left as it was
     device = pick_device(settings.device)
     inputs = {"upstream": upstream_inputs({"calibrate": calibration.stage_dir}), "model": source.fingerprint()}
     stage_dir = open_stage(resolved, STAGE, hashed_settings(settings), inputs, restart)

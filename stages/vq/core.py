@@ -17,14 +17,12 @@ import torch
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.threads import torch_threads
 from stages.vq.backends import AssignBackend
-
-ALLOWED_BITS = {4: (2, 3), 2: (2, 3, 4)}
+from stages.vq.config import ALLOWED_BITS, combinations
 
 
 def codebook_size(bits: int, dim: int) -> int:
     if dim not in ALLOWED_BITS or bits not in ALLOWED_BITS[dim]:
-        raise KbvqError(f"bits={bits} with dim={dim} is not supported; use dim 4 with bits 2 or 3, "
-                        f"or dim 2 with bits 2, 3 or 4")
+        raise KbvqError(f"bits={bits} with dim={dim} is not supported; valid: {combinations()}")
     return 2 ** (bits * dim)
 
 
