@@ -49,9 +49,11 @@ def run_stage(stage: str, *, run, recipe, model=None, restart=False, overrides: 
     with user_errors():
         from kbvq_cli.recipe import resolve_stage
         from kbvq_cli.registry import STAGES
+        from kbvq_cli.run_lock import stage_lock
 
         resolved = resolve_stage(stage, run=run, recipe_path=recipe, model=model, overrides=overrides)
-        STAGES[stage].runner_function()(resolved, restart=restart)
+        with stage_lock(resolved.run_dir, stage):
+            STAGES[stage].runner_function()(resolved, restart=restart)
 
 
 @app.command()
@@ -179,17 +181,19 @@ def pack(
     """Write a compact, loadable quantized model directory (RUN/pack) and report its bits per weight."""
     with user_errors():
         from kbvq_cli.recipe import resolve_stage
+        from kbvq_cli.run_lock import run_lock
 
         resolved = resolve_stage("pack", run=run, recipe_path=recipe, model=None,
                                  overrides=dict(unquantized_dtype=unquantized_dtype))
-        if dense:
-            from stages.pack.dense import export_dense
+        with run_lock(resolved.run_dir):
+            if dense:
+                from stages.pack.dense import export_dense
 
-            export_dense(resolved, out)
-            return
-        from stages.pack.stage import run as run_pack
+                export_dense(resolved, out)
+                return
+            from stages.pack.stage import run as run_pack
 
-        run_pack(resolved, restart=restart, out=out)
+            run_pack(resolved, restart=restart, out=out)
 
 
 @app.command("eval")
@@ -218,6 +222,7 @@ def evaluate(
         from pathlib import Path
 
         from kbvq_cli.recipe import model_short_name, resolve_stage
+        from kbvq_cli.run_lock import run_lock
         from stages.eval.stage import run as run_eval
 
         if run is None and recipe is None and model is None:
@@ -227,7 +232,8 @@ def evaluate(
         overrides = dict(ppl_data=ppl_data, text_field=text_field, seqlen=seqlen, max_tokens=max_tokens, tasks=tasks,
                          task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, device=device)
         resolved = resolve_stage("eval", run=run, recipe_path=recipe, model=None, overrides=overrides)
-        run_eval(resolved, restart=restart, model_dir=model, as_json=as_json)
+        with run_lock(resolved.run_dir):  # eval writes RUN/eval/results.json
+            run_eval(resolved, restart=restart, model_dir=model, as_json=as_json)
 
 
 @app.command("run")
@@ -253,6 +259,8 @@ def report(
         "--compare", help="A plain-VQ run of the same model, drawn beside this one in the drift figure.")] = None,
 ) -> None:
     """Figures and tables of a run (spectrum, expert similarity, channel drift, storage, expert load) in report.md."""
+    # No run lock: report reads only finished, hash-checked stages and writes only RUN/report (atomic
+    # renames), so it may run while another command writes the run (kbvq_cli/run_lock.py).
     with user_errors():
         from pathlib import Path
 
