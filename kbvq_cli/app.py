@@ -32,13 +32,21 @@ DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (CUD
 
 @contextmanager
 def user_errors():
-    """Turn a KbvqError into `error: <message>` and exit status 2; Ctrl-C into a resume hint."""
+    """Turn a KbvqError, or a write that failed on a full or read-only disk, into `error: <message>` and
+    exit status 2; Ctrl-C into a resume hint."""
     from kbvq_cli.console import console
+    from kbvq_cli.disk_errors import write_error
 
     try:
         yield
     except KbvqError as error:
         console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except Exception as error:  # a mkdir, copy or figure that hit ENOSPC/EROFS/EACCES outside atomic_write
+        translated = write_error(error)
+        if translated is None:
+            raise
+        console.print(f"[red]error:[/red] {translated}", soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume where it stopped")

@@ -93,7 +93,30 @@ def current_command() -> str:
 
 
 def _acquire(run_dir: Path, command: str) -> _Held:
-    created = _make_dirs(run_dir)
+    created = _make_dirs(run_dir)  # on a read-only disk this (or the open below) raises: the CLI says so
+    try:
+        fd = _flock(run_dir)
+    except BaseException:
+        _remove_dirs(created)
+        raise
+    try:
+        previous = _read_holder(fd)
+        if previous:
+            _break_stale(run_dir, previous)  # or refuses, leaving another host's file as it is
+    except BaseException:
+        os.close(fd)
+        raise
+    held = _Held(fd, created)
+    try:
+        _write_holder(fd, command)
+    except BaseException:  # e.g. a full disk: leave nothing behind
+        _release(run_dir, held)
+        raise
+    return held
+
+
+def _flock(run_dir: Path) -> int:
+    """An fd of `RUN/.kbvq.lock` with our flock on it, or KbvqError naming the process that has it."""
     path = run_dir / LOCK_NAME
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -107,17 +130,8 @@ def _acquire(run_dir: Path, command: str) -> _Held:
             os.close(fd)
             raise KbvqError(f"{run_dir} is in use by {_describe(holder)}; wait for it or stop it") from None
         if _is_current(fd, path):
-            break
+            return fd
         os.close(fd)  # a holder released (and unlinked) this file between our open and our flock: try again
-    try:
-        previous = _read_holder(fd)
-        if previous:
-            _break_stale(run_dir, previous)
-        _write_holder(fd, command)
-    except BaseException:
-        os.close(fd)
-        raise
-    return _Held(fd, created)
 
 
 def _release(run_dir: Path, held: _Held) -> None:
@@ -125,7 +139,13 @@ def _release(run_dir: Path, held: _Held) -> None:
     # the flock, that the path no longer names it (`_is_current`) and starts over with a new file.
     (run_dir / LOCK_NAME).unlink(missing_ok=True)
     os.close(held.fd)
-    for directory in reversed(held.created):  # a refused or failed command leaves no empty run behind
+    _remove_dirs(held.created)
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    """Remove the directories the lock made, deepest first, while empty: a refused or failed command
+    leaves no empty run behind."""
+    for directory in reversed(created):
         try:
             directory.rmdir()
         except OSError:
