@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from kbvq_cli.errors import KbvqError
+from kbvq_cli.finite import count_non_finite
 from kbvq_cli.stage_dir import StageDir, layer_unit
 
 BLOCK = "block"
@@ -80,7 +81,20 @@ class Calibration:
 
     def layer(self, index: int, device: str = "cpu") -> CalibrationLayer:
         name = layer_unit(index)
-        return CalibrationLayer(index, self.stage_dir.read_unit(name, device), self.stage_dir.read_metadata(name))
+        tensors = self.stage_dir.read_unit(name, device)
+        _refuse_non_finite(index, tensors)
+        return CalibrationLayer(index, tensors, self.stage_dir.read_metadata(name))
 
     def tokens(self) -> torch.Tensor:
         return self.stage_dir.read_aux("tokens")["input_ids"]
+
+
+def _refuse_non_finite(index: int, tensors: dict[str, torch.Tensor]) -> None:
+    """NaN/inf sums mean the model's activations overflowed in that layer: every later stage would turn
+    them into NaN bases, codebooks and corrections, so they are stopped here, naming the layer."""
+    bad = {name: count for name, count in ((name, count_non_finite(t)) for name, t in tensors.items()) if count}
+    if bad:
+        listed = ", ".join(f"{name} ({count} values)" for name, count in list(bad.items())[:3])
+        raise KbvqError(f"the calibration statistics of layer {index} are not finite: NaN/inf in {listed}; the "
+                        f"model's activations overflow there: check its weights, then rerun `kbvq calibrate "
+                        f"--restart`")
