@@ -319,6 +319,12 @@ def testbed(
 
 
 def main() -> None:
+    import shlex
+    import sys
+
+    from kbvq_cli import run_lock
+
+    run_lock.COMMAND_LINE = shlex.join(["kbvq", *sys.argv[1:]])  # what a second writer of the run is told
     app()
 
 

@@ -37,6 +37,7 @@ from typing import Iterator
 from kbvq_cli.errors import KbvqError
 
 LOCK_NAME = ".kbvq.lock"
+COMMAND_LINE: str | None = None  # set by kbvq_cli.app.main: the `kbvq ...` command this process runs
 
 
 @dataclass
@@ -81,15 +82,11 @@ def stage_lock(run_dir: Path, stage: str) -> Iterator[None]:
 
 
 def current_command() -> str:
-    """This process's kbvq command line: argv when kbvq was started on the command line, else the command name."""
-    import click
-
-    context = click.get_current_context(silent=True)
-    if context is None:  # not a CLI command: a library caller
-        return shlex.join([Path(sys.argv[0]).name or "python", *sys.argv[1:]])
-    if sys.argv[1:2] == [context.info_name]:
-        return shlex.join(["kbvq", *sys.argv[1:]])
-    return f"kbvq {context.info_name}"  # the CLI called in-process (a test's CliRunner): argv is not kbvq's
+    """What this process runs, for the lock file: the kbvq command line when `kbvq` was started from a
+    shell (`main` records it), else this process's own argv (a library caller, a test)."""
+    if COMMAND_LINE is not None:
+        return COMMAND_LINE
+    return shlex.join([Path(sys.argv[0]).name or "python", *sys.argv[1:]])
 
 
 def _acquire(run_dir: Path, command: str) -> _Held:

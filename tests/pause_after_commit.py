@@ -30,7 +30,7 @@ def pause_after(units: int, fd: int) -> None:
 
 if __name__ == "__main__":
     pause_after(int(sys.argv[1]), int(sys.argv[2]))
-    from kbvq_cli.app import app
+    from kbvq_cli.app import main
 
     sys.argv = ["kbvq", *sys.argv[3:]]
-    app()
+    main()

@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 KBVQ = [sys.executable, "-m", "kbvq_cli.app"]
 PAUSED = Path(__file__).with_name("pause_after_commit.py")
@@ -31,10 +33,18 @@ def run_to_end(args: list[str], env=None) -> None:
 
 
 def kill_after_units(args: list[str], stage_dir: Path, units: int, env=None) -> int:
-    """Run `kbvq args` until its stage has committed `units` units, SIGKILL it there; returns the units done.
+    """Run `kbvq args` until its stage has committed `units` units, SIGKILL it there; returns the units done."""
+    with paused_after_units(args, stage_dir, units, env) as (_, done):
+        return done
+
+
+@contextmanager
+def paused_after_units(args: list[str], stage_dir: Path, units: int, env=None) -> Iterator[tuple[int, int]]:
+    """Run `kbvq args` until its stage has committed `units` units and keep it there, alive, for the block
+    (yields its pid and the units done); it is SIGKILLed when the block ends.
 
     The subprocess pauses itself right after that commit (pause_after_commit.py) and says so on a pipe;
-    the kill comes only then, so the test does not depend on how fast the machine runs the stage.
+    nothing happens to it before that, so the test does not depend on how fast the machine runs the stage.
     """
     read_end, write_end = os.pipe()
     with tempfile.TemporaryFile() as stderr:
@@ -44,17 +54,18 @@ def kill_after_units(args: list[str], stage_dir: Path, units: int, env=None) -> 
         os.close(write_end)  # the child holds the only write end: EOF on the pipe means it has exited
         try:
             message = _read_line(read_end, PATIENCE)
+            if not message.startswith("paused "):
+                process.wait()
+                stderr.seek(0)
+                tail = stderr.read().decode(errors="replace")[-3000:]
+                raise AssertionError(f"kbvq {' '.join(args)} ended (rc={process.returncode}) before {units} units "
+                                     f"of {stage_dir.name} were committed:\n{tail}")
+            yield process.pid, int(message.split()[1])
         finally:
             os.close(read_end)
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        if not message.startswith("paused "):
-            stderr.seek(0)
-            tail = stderr.read().decode(errors="replace")[-3000:]
-            raise AssertionError(f"kbvq {' '.join(args)} ended (rc={process.returncode}) before {units} units of "
-                                 f"{stage_dir.name} were committed:\n{tail}")
-    return int(message.split()[1])
 
 
 def _read_line(fd: int, timeout: float) -> str:

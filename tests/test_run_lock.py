@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from kbvq_cli.app import app
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.run_lock import LOCK_NAME, run_lock
+from resume_util import paused_after_units
 
 runner = CliRunner()
 
@@ -84,6 +85,21 @@ def test_a_second_writer_is_refused_in_one_line_and_changes_nothing(run_dir):
     result = runner.invoke(app, ["vq", "--run", str(run_dir), "--bits", "3"])
     assert result.exit_code == 2 and "stage calibrate has not been run" in result.output, result.output
     assert not (run_dir / LOCK_NAME).exists() and not (run_dir / "vq").exists()
+
+
+def test_a_running_kbvq_stage_refuses_a_second_one_naming_its_command(tiny_model_dir, calib_text, tmp_path):
+    run = tmp_path / "run"
+    args = ["calibrate", "--model", str(tiny_model_dir("qwen3_moe")), "--data", str(calib_text), "--samples", "2",
+            "--seqlen", "16", "--device", "cpu", "--run", str(run)]
+    with paused_after_units(args, run / "calibrate", units=1) as (pid, _):  # a real kbvq, mid-stage
+        before = snapshot(run)
+        since = json.loads((run / LOCK_NAME).read_text())["since"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == (
+            f"error: {run} is in use by pid {pid} on host {socket.gethostname()} (kbvq {' '.join(args)}) since "
+            f"{since}; wait for it or stop it")
+        assert snapshot(run) == before
 
 
 def test_kbvq_run_is_refused_while_its_shared_calibration_is_held(tmp_path):
