@@ -30,6 +30,13 @@ RestartOption = Annotated[bool, typer.Option("--restart", help="Discard this sta
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 
 
+def print_error(message: str) -> None:
+    """`error: <message>` on one line (soft wrap: rich inserts no line breaks)."""
+    from kbvq_cli.console import console
+
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+
+
 @contextmanager
 def user_errors():
     """Turn a KbvqError, or a write that failed on a full or read-only disk, into `error: <message>` and
@@ -40,13 +47,13 @@ def user_errors():
     try:
         yield
     except KbvqError as error:
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        print_error(str(error))
         raise typer.Exit(2) from None
     except Exception as error:  # a mkdir, copy or figure that hit ENOSPC/EROFS/EACCES outside atomic_write
         translated = write_error(error)
         if translated is None:
             raise
-        console.print(f"[red]error:[/red] {translated}", soft_wrap=True)
+        print_error(str(translated))
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume where it stopped")
@@ -319,13 +326,38 @@ def testbed(
 
 
 def main() -> None:
+    """The `kbvq` entry point. click's usage errors (a mistyped value, an unknown option, a missing
+    argument) become one line, `error: ...`, exit status 2, like every other error of kbvq, instead of
+    click's three-line usage block; `--help` and every other exit stay as click makes them."""
     import shlex
     import sys
 
     from kbvq_cli import run_lock
 
     run_lock.COMMAND_LINE = shlex.join(["kbvq", *sys.argv[1:]])  # what a second writer of the run is told
-    app()
+    # typer >= 0.2x runs on its own copy of click (typer._click), older typer on click itself: take the
+    # class from typer's public BadParameter, whichever click that is.
+    usage_error = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+    try:
+        status = app(standalone_mode=False)
+    except usage_error as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # plain `kbvq`: the help page, as before
+            error.show()
+            sys.exit(error.exit_code)
+        print_error(usage_message(error))
+        sys.exit(2)
+    except typer.Abort:  # EOF while click itself was reading input
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)  # typer.Exit(n) comes back as n
+
+
+def usage_message(error) -> str:
+    """click's message on one line, in kbvq's style, pointing at the command's help."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    command = error.ctx.command_path if error.ctx is not None else "kbvq"
+    return f"{message}; see `{command} --help`"
 
 
 if __name__ == "__main__":
