@@ -10,11 +10,18 @@ install: $(VENV)/.installed
 
 # torch is installed first, pinned, only where none is present: GPU users keep their CUDA build,
 # and on a fresh CPU machine an unpinned install would pull a 5 GB CUDA build.
+# Each step says what it does, and the long installs show pip's own download progress (minutes on a
+# fresh machine: torch alone is a large download).
 $(VENV)/.installed: pyproject.toml
+	@echo "== install 1/4: the virtual environment $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "== install 2/4: upgrading pip"
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,eval]"
+	@echo "== install 3/4: torch 2.13.0 (CPU), only if no torch is installed yet"
+	$(PY) -c "import torch" 2>/dev/null && echo "torch is already installed: kept" || $(PY) -m pip install --progress-bar on torch==2.13.0
+	@echo "== install 4/4: kbvq and its dependencies (transformers, datasets, faiss-cpu, lm-eval, ...)"
+	$(PY) -m pip install --progress-bar on -e ".[test,eval]"
+	@echo "== installed into $(VENV)"
 	touch $@
 
 test: install

@@ -1,7 +1,7 @@
 """Logits of packed tiny models of all five architectures, to check that a refactor changes no number.
 
-    python benchmarks/logits_snapshot.py --out /tmp/before      # on the old commit
-    python benchmarks/logits_snapshot.py --compare /tmp/before  # on the new one: max relative difference
+    python benchmarks/logits_snapshot.py --out BEFORE_DIR      # on the old commit
+    python benchmarks/logits_snapshot.py --compare BEFORE_DIR  # on the new one: max relative difference
 
 Each architecture runs the KBVQ pipeline (calibrate, klt-svd, vq, bcos, nonexpert, pack) and the GPTQ
 one through the CLI on a tiny random model, then loads the pack and takes logits on a fixed input.

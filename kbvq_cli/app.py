@@ -30,15 +30,30 @@ RestartOption = Annotated[bool, typer.Option("--restart", help="Discard this sta
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 
 
+def print_error(message: str) -> None:
+    """`error: <message>` on one line, printed literally."""
+    from kbvq_cli.console import error
+
+    error(message)
+
+
 @contextmanager
 def user_errors():
-    """Turn a KbvqError into `error: <message>` and exit status 2; Ctrl-C into a resume hint."""
-    from kbvq_cli.console import error, info
+    """Turn a KbvqError, or a write that failed on a full or read-only disk, into `error: <message>` and
+    exit status 2; Ctrl-C into a resume hint."""
+    from kbvq_cli.console import info
+    from kbvq_cli.disk_errors import write_error
 
     try:
         yield
-    except KbvqError as problem:
-        error(str(problem))
+    except KbvqError as error:
+        print_error(str(error))
+        raise typer.Exit(2) from None
+    except Exception as error:  # a mkdir, copy or figure that hit ENOSPC/EROFS/EACCES outside atomic_write
+        translated = write_error(error)
+        if translated is None:
+            raise
+        print_error(str(translated))
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         info("interrupted; rerun the same command to resume where it stopped")
@@ -49,9 +64,11 @@ def run_stage(stage: str, *, run, recipe, model=None, restart=False, overrides: 
     with user_errors():
         from kbvq_cli.recipe import resolve_stage
         from kbvq_cli.registry import STAGES
+        from kbvq_cli.run_lock import stage_lock
 
         resolved = resolve_stage(stage, run=run, recipe_path=recipe, model=model, overrides=overrides)
-        STAGES[stage].runner_function()(resolved, restart=restart)
+        with stage_lock(resolved.run_dir, stage):
+            STAGES[stage].runner_function()(resolved, restart=restart)
 
 
 @app.command()
@@ -179,17 +196,19 @@ def pack(
     """Write a compact, loadable quantized model directory (RUN/pack) and report its bits per weight."""
     with user_errors():
         from kbvq_cli.recipe import resolve_stage
+        from kbvq_cli.run_lock import run_lock
 
         resolved = resolve_stage("pack", run=run, recipe_path=recipe, model=None,
                                  overrides=dict(unquantized_dtype=unquantized_dtype))
-        if dense:
-            from stages.pack.dense import export_dense
+        with run_lock(resolved.run_dir):
+            if dense:
+                from stages.pack.dense import export_dense
 
-            export_dense(resolved, out)
-            return
-        from stages.pack.stage import run as run_pack
+                export_dense(resolved, out)
+                return
+            from stages.pack.stage import run as run_pack
 
-        run_pack(resolved, restart=restart, out=out)
+            run_pack(resolved, restart=restart, out=out)
 
 
 @app.command("eval")
@@ -200,6 +219,7 @@ def evaluate(
         "--model", help="Evaluate this model directory (original or packed) instead of RUN/pack.")] = None,
     ppl_data: Annotated[Optional[str], typer.Option(
         "--ppl-data", help="Perplexity text: dataset id[:config][@split] or a local file (default WikiText-2 test); none skips.")] = None,
+    text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of --ppl-data.")] = None,
     seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Perplexity window (default 4096).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Score only the first N tokens.")] = None,
     tasks: Annotated[Optional[str], typer.Option(
@@ -217,16 +237,18 @@ def evaluate(
         from pathlib import Path
 
         from kbvq_cli.recipe import model_short_name, resolve_stage
+        from kbvq_cli.run_lock import run_lock
         from stages.eval.stage import run as run_eval
 
         if run is None and recipe is None and model is None:
             raise KbvqError("`kbvq eval` needs --run RUN (its packed model) or --model DIR")
         if run is None and recipe is None:
             run = str(Path("runs") / f"eval-{model_short_name(model)}")
-        overrides = dict(ppl_data=ppl_data, seqlen=seqlen, max_tokens=max_tokens, tasks=tasks, task_dir=task_dir,
-                         limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, device=device)
+        overrides = dict(ppl_data=ppl_data, text_field=text_field, seqlen=seqlen, max_tokens=max_tokens, tasks=tasks,
+                         task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, device=device)
         resolved = resolve_stage("eval", run=run, recipe_path=recipe, model=None, overrides=overrides)
-        run_eval(resolved, restart=restart, model_dir=model, as_json=as_json)
+        with run_lock(resolved.run_dir):  # eval writes RUN/eval/results.json
+            run_eval(resolved, restart=restart, model_dir=model, as_json=as_json)
 
 
 @app.command("run")
@@ -252,6 +274,8 @@ def report(
         "--compare", help="A plain-VQ run of the same model, drawn beside this one in the drift figure.")] = None,
 ) -> None:
     """Figures and tables of a run (spectrum, expert similarity, channel drift, storage, expert load) in report.md."""
+    # No run lock: report reads only finished, hash-checked stages and writes only RUN/report (atomic
+    # renames), so it may run while another command writes the run (kbvq_cli/run_lock.py).
     with user_errors():
         from pathlib import Path
 
@@ -302,7 +326,38 @@ def testbed(
 
 
 def main() -> None:
-    app()
+    """The `kbvq` entry point. click's usage errors (a mistyped value, an unknown option, a missing
+    argument) become one line, `error: ...`, exit status 2, like every other error of kbvq, instead of
+    click's three-line usage block; `--help` and every other exit stay as click makes them."""
+    import shlex
+    import sys
+
+    from kbvq_cli import run_lock
+
+    run_lock.COMMAND_LINE = shlex.join(["kbvq", *sys.argv[1:]])  # what a second writer of the run is told
+    # typer >= 0.2x runs on its own copy of click (typer._click), older typer on click itself: take the
+    # class from typer's public BadParameter, whichever click that is.
+    usage_error = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+    try:
+        status = app(standalone_mode=False)
+    except usage_error as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # plain `kbvq`: the help page, as before
+            error.show()
+            sys.exit(error.exit_code)
+        print_error(usage_message(error))
+        sys.exit(2)
+    except typer.Abort:  # EOF while click itself was reading input
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)  # typer.Exit(n) comes back as n
+
+
+def usage_message(error) -> str:
+    """click's message on one line, in kbvq's style, pointing at the command's help."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    command = error.ctx.command_path if error.ctx is not None else "kbvq"
+    return f"{message}; see `{command} --help`"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from kbvq_cli.disk_errors import write_error
+
 
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
@@ -27,9 +29,23 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` to produce the file, then move it over `path` atomically."""
+def atomic_write(path: Path, write: Callable[[Path], None], size_hint: int | None = None) -> None:
+    """Call `write(tmp_path)` to produce the file, then move it over `path` atomically.
+
+    A full disk or an unwritable directory raises KbvqError naming `path` (and `size_hint`, the bytes
+    the file needs, when the caller knows them); the temp file is gone by then, so its space is free.
+    """
     path = Path(path)
+    try:
+        _write_and_replace(path, write)
+    except Exception as error:
+        translated = write_error(error, path, size_hint)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+def _write_and_replace(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)

@@ -7,11 +7,11 @@ dataset id written `ID[:CONFIG][@SPLIT]` (default split `train`), e.g.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from kbvq_cli.errors import KbvqError
+from kbvq_cli.local_data import read_local
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 PAPER_CALIBRATION_DATA = "togethercomputer/RedPajama-Data-1T-Sample"
@@ -47,33 +47,12 @@ def local_files(spec: str) -> list[Path] | None:
     return None
 
 
-def _read_local(file: Path, text_field: str) -> list[str]:
-    if file.suffix == ".txt":
-        return [file.read_text(encoding="utf-8", errors="replace")]
-    if file.suffix == ".jsonl":
-        documents = []
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                documents.append(str(json.loads(line)[text_field]))
-            except (ValueError, KeyError, TypeError):
-                raise KbvqError(f"{file}:{number} is not a JSON object with a {text_field!r} field") from None
-        return documents
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(file)
-    if text_field not in table.column_names:
-        raise KbvqError(f"{file} has no column {text_field!r}; columns: {', '.join(table.column_names)}")
-    return [str(value) for value in table.column(text_field).to_pylist()]
-
-
 def load_documents(spec: str, text_field: str = "text", default_split: str = "train",
                    option: str = "--data") -> list[str]:
     """All documents of a data spec, in a fixed order."""
     files = local_files(spec)
     if files is not None:
-        return [doc for file in files for doc in _read_local(file, text_field)]
+        return [doc for file in files for doc in read_local(file, text_field)]
     hub = parse_hub_spec(spec, default_split)
     try:
         import datasets
@@ -84,7 +63,8 @@ def load_documents(spec: str, text_field: str = "text", default_split: str = "tr
         raise KbvqError(f"could not load dataset {spec!r} ({reason}); pass a local .txt/.jsonl/.parquet "
                         f"file or directory with {option}") from None
     if text_field not in dataset.column_names:
-        raise KbvqError(f"dataset {spec} has no column {text_field!r}; columns: {', '.join(dataset.column_names)}")
+        raise KbvqError(f"dataset {spec} has no column {text_field!r}; columns: {', '.join(dataset.column_names)}; "
+                        f"name the text column with --text-field")
     return [str(text) for text in dataset[text_field]]
 
 

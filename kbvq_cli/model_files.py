@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kbvq_cli.adapters import ArchAdapter, adapter_for
 from kbvq_cli.errors import KbvqError
+from kbvq_cli.finite import count_non_finite
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]
 
@@ -143,7 +144,12 @@ class ModelSource:
                 self._handles[file] = safe_open(str(self.path / file), "pt")
             except Exception as error:
                 raise KbvqError(f"cannot read {self.path / file} ({error}); re-download the model") from None
-        return self._handles[file].get_tensor(name)
+        tensor = self._handles[file].get_tensor(name)
+        bad = count_non_finite(tensor)  # every stage reads weights here: a NaN is stopped where it enters
+        if bad:
+            raise KbvqError(f"tensor {name} in {self.path / file} holds {bad} NaN/inf value(s) of {tensor.numel()}; "
+                            f"the checkpoint is damaged: re-download it, or re-save it from finite weights")
+        return tensor
 
     def layer_state_dict(self, index: int) -> dict:
         """Tensors of decoder layer `index`, renamed and fused to the in-memory layout of transformers 5."""

@@ -14,6 +14,7 @@ from kbvq_cli.console import console, heading
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.recipe import load_recipe, model_short_name, resolve_stage, validate_recipe
 from kbvq_cli.registry import STAGES, pipeline_stages
+from kbvq_cli.run_lock import run_lock
 from kbvq_cli.settings import settings_dict
 
 
@@ -35,20 +36,22 @@ def run_recipe(recipe_path: str, run: str | None, *, dry_run: bool = False) -> P
             settings = ", ".join(f"{k}={v}" for k, v in settings_dict(resolved[name]).items())
             console.print(f"  {name}: {settings}")
         return Path(run_dir)
-    for name in stages:
-        heading(f"== {name}")
-        if name == "calibrate" and recipe.calibration:
-            run_shared_calibration(recipe_path, recipe.calibration, Path(run_dir))
-            continue
-        stage = resolve_stage(name, run=run_dir, recipe_path=recipe_path, model=None, overrides={})
-        STAGES[name].runner_function()(stage, restart=False)
+    with run_lock(Path(run_dir)):  # the stages below are one writer; each takes the same lock again
+        for name in stages:
+            heading(f"== {name}")
+            if name == "calibrate" and recipe.calibration:
+                run_shared_calibration(recipe_path, recipe.calibration, Path(run_dir))
+                continue
+            stage = resolve_stage(name, run=run_dir, recipe_path=recipe_path, model=None, overrides={})
+            STAGES[name].runner_function()(stage, restart=False)
     return Path(run_dir)
 
 
 def run_shared_calibration(recipe_path: str, calibration: str, run_dir: Path) -> None:
     """Calibrate (or resume, or verify) in the shared directory, and link RUN/calibrate to it."""
     stage = resolve_stage("calibrate", run=calibration, recipe_path=recipe_path, model=None, overrides={})
-    STAGES["calibrate"].runner_function()(stage, restart=False)
+    with run_lock(Path(calibration)):  # the shared directory is another run's too: one writer at a time
+        STAGES["calibrate"].runner_function()(stage, restart=False)
     target = (Path(calibration) / "calibrate").resolve()
     link = run_dir / "calibrate"
     if link.is_symlink() and link.resolve() == target:

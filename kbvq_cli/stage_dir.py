@@ -186,7 +186,8 @@ class StageDir:
         # process, so several keys would make identical shards differ in their bytes.
         meta = {"kbvq": canonical_json(metadata or {})}
         target = self.path / filename
-        atomic_write(target, lambda tmp: save_file(contiguous, str(tmp), metadata=meta))
+        atomic_write(target, lambda tmp: save_file(contiguous, str(tmp), metadata=meta),
+                     size_hint=sum(tensor.nbytes for tensor in contiguous.values()))  # for a full disk's message
         return FileRecord(filename, sha256_file(target), target.stat().st_size)
 
     def _commit(self) -> None:

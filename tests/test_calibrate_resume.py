@@ -18,6 +18,7 @@ def test_sigkill_then_resume_gives_identical_shards(tmp_path, calib_text):
     interrupted = tmp_path / "interrupted"
     done = kill_after_units(common + ["--run", str(interrupted)], interrupted / "calibrate", units=2)
     manifest = json.loads((interrupted / "calibrate" / "manifest.json").read_text())
+    assert done == 2 and sorted(manifest["units"]) == ["layer_000", "layer_001"]
     assert not manifest["complete"] and manifest["state"]["next_layer"] == done
     assert "activations" in manifest["aux"]
 

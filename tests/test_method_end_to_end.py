@@ -86,7 +86,7 @@ def test_method_stages_resume_after_sigkill(tmp_path, calib_text):
         invoke("klt-svd", "--run", run, "--rank", 2)
     vq = ["vq", "--bits", "3", "--iters", "30"]
     run_to_end(vq + ["--run", str(straight)])
-    kill_after_units(vq + ["--run", str(killed)], killed / "vq", units=3)
+    assert kill_after_units(vq + ["--run", str(killed)], killed / "vq", units=3) == 3
     run_to_end(vq + ["--run", str(killed)])
     assert shard_hashes(killed / "vq") == shard_hashes(straight / "vq")
     for run in (straight, killed):

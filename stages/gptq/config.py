@@ -30,7 +30,7 @@ class GptqSettings:
 
     def check(self, where: str) -> None:
         problem = scalar_problem(self.bits)
-        require(problem is None, f"{where}: {problem}")
+        require(problem is None, f"{where}.{problem}")
         require(self.group_size >= 0, f"{where}.group_size must be >= 0 (0 = per output channel); "
                                       f"got {self.group_size}")
         require(0 <= self.damp < 1, f"{where}.damp must be in [0, 1) (a fraction of mean(diag H)); got {self.damp}")

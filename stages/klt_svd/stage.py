@@ -26,6 +26,7 @@ from kbvq_cli.streaming import pick_device
 from stages.calibrate.reader import Calibration, CalibrationLayer
 from stages.klt_svd.config import KltSvdSettings
 from stages.klt_svd.core import damped_klt, decompose, select_rank
+from stages.klt_svd.rank_limit import check_rank_fits
 from stages.klt_svd.reader import KltLayerMeta, PartMeta, read_layer_meta
 
 STAGE = "klt-svd"
@@ -36,6 +37,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     settings: KltSvdSettings = resolved.settings
     calibration = Calibration(resolved.run_dir)
     source = ModelSource(require_model(resolved))
+    check_rank_fits(source, settings)  # before anything is written: refused, the run is left as it was
     device = pick_device(settings.device)
     stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint())
     if stage.complete:

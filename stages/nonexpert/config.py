@@ -31,7 +31,7 @@ class NonExpertSettings:
 
     def check(self, where: str) -> None:
         problem = scalar_problem(self.bits)
-        require(problem is None, f"{where}: {problem}")
+        require(problem is None, f"{where}.{problem}")
         require(self.group_size >= 0, f"{where}.group_size must be >= 0 (0 = per output channel)")
         require(0 <= self.damp < 1, f"{where}.damp must be in [0, 1)")
         require(not (self.act_order and self.method != "gptq"), f"{where}.act_order applies to method gptq only")

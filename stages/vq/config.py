@@ -8,7 +8,6 @@ from typing import Literal
 from kbvq_cli.bit_limits import vq_problem
 from kbvq_cli.settings import require
 
-
 @dataclass(frozen=True)
 class VqSettings:
     bits: int = 2
@@ -33,8 +32,8 @@ class VqSettings:
 
     def check(self, where: str) -> None:
         problem = vq_problem(self.bits, self.dim)
-        require(problem is None, f"{where}: {problem}")
-        require(self.iters >= 1, f"{where}.iters must be >= 1 (got {self.iters}): k-means needs at least one "
-                                 f"Lloyd iteration")
+        require(problem is None, f"{where}.{problem}")
+        require(self.iters >= 1, f"{where}.iters must be at least 1 (got {self.iters}): the codebook is what "
+                                 f"the Lloyd iterations fit")
         require(self.expert_batch >= 1, f"{where}.expert_batch must be >= 1")
         require(0 <= self.damp < 1, f"{where}.damp must be in [0, 1)")
