@@ -86,7 +86,7 @@ def calibrate(
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of the data.")] = None,
     restart: RestartOption = False,
 ) -> None:
-    """Record the calibration statistics of METHOD.md §1, layer by layer, streaming the model."""
+    """Record the calibration statistics of docs/method.md §1, layer by layer, streaming the model."""
     overrides = dict(data=data, samples=samples, seqlen=seqlen, seed=seed, device=device,
                      batch_size=batch_size, text_field=text_field)
     run_stage("calibrate", run=run, recipe=recipe, model=model, restart=restart, overrides=overrides)
@@ -232,7 +232,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object on the last line.")] = False,
     restart: RestartOption = False,
 ) -> None:
-    """Perplexity (METHOD.md §6) and zero-shot accuracy (lm-eval) of RUN/pack or of --model DIR."""
+    """Perplexity (docs/method.md §6) and zero-shot accuracy (lm-eval) of RUN/pack or of --model DIR."""
     with user_errors():
         from pathlib import Path
 

@@ -53,7 +53,7 @@ MODELS: dict[str, Model] = {m.name: m for m in (
     Model("testbed-mini", "testbed-mini", "the mini test-bed (make testbed-mini)",
           calibrate={"data": "testbed-mini/calib.txt", "samples": 32, "seqlen": 128},
           eval=_testbed_eval("testbed-mini", 128),
-          # min(oc, ic)/128 is below 1 on a model this small (METHOD.md §2): an absolute rank instead.
+          # min(oc, ic)/128 is below 1 on a model this small (docs/method.md §2): an absolute rank instead.
           klt_svd={"rank": 4}),
 )}
 

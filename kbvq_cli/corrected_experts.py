@@ -4,7 +4,7 @@ The BCOS scale folds into the rows of `What` and the shift becomes a bias, so a 
 ordinary gated MLP with biases. `CorrectedExperts` replaces a layer's fused routed experts and is
 called exactly as the original (`experts(hidden_states, top_k_index, top_k_weights)`), so the model's
 own router and routing weights are untouched; the correction sits before the routing weight
-multiplies the expert's output (METHOD.md §4).
+multiplies the expert's output (docs/method.md §4).
 """
 
 from __future__ import annotations

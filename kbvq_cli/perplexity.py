@@ -1,4 +1,4 @@
-"""Perplexity as the paper measures it (METHOD.md §6): the one definition behind `kbvq eval` and the
+"""Perplexity as the paper measures it (docs/method.md §6): the one definition behind `kbvq eval` and the
 numbers the test-bed build records.
 
 documents -> one token stream -> non-overlapping windows of `seqlen` tokens -> exp(mean next-token NLL)

@@ -1,4 +1,4 @@
-"""BCOS closed form (METHOD.md §4) against explicit float64 data passes."""
+"""BCOS closed form (docs/method.md §4) against explicit float64 data passes."""
 
 import pytest
 import torch

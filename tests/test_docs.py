@@ -54,3 +54,11 @@ def test_no_tracked_file_names_a_machine_path():
         for match in MACHINE_PATH.finditer(text):
             offenders.append(f"{path.relative_to(ROOT)}:{text[:match.start()].count(chr(10)) + 1}")
     assert not offenders, offenders
+
+
+def test_nothing_cites_the_method_outside_the_repository():
+    """Citations name docs/method.md, the repository's own copy, never a method file kept elsewhere."""
+    outside = "METHOD" + ".md"  # assembled so that this file does not match itself
+    found = [f"{path.relative_to(ROOT)}" for path in tracked_files()
+             if path.is_file() and path.suffix in (".py", ".md", ".txt", ".toml") and outside in path.read_text()]
+    assert found == []

@@ -1,5 +1,5 @@
 """pack -> load_quantized: the packed model computes what the fake-quantized model computes, and its
-bytes are what METHOD.md §5 says they should be."""
+bytes are what docs/method.md §5 says they should be."""
 
 import json
 

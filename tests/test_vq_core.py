@@ -1,4 +1,4 @@
-"""vq math (METHOD.md §3): k-means++ / Lloyd invariants, assignment, backends, determinism, validation."""
+"""vq math (docs/method.md §3): k-means++ / Lloyd invariants, assignment, backends, determinism, validation."""
 
 import pytest
 import torch

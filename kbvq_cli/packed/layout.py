@@ -38,7 +38,7 @@ def shared_prefix(layers_prefix: str, shared_path: str, layer: int, projection: 
 
 @dataclass(frozen=True)
 class FormulaGroup:
-    """Matrices whose storage METHOD.md §5 counts together: `n` experts of `oc x ic` sharing rank `k`."""
+    """Matrices whose storage docs/method.md §5 counts together: `n` experts of `oc x ic` sharing rank `k`."""
 
     n: int
     oc: int
@@ -59,7 +59,7 @@ def formula_groups(shapes: dict, parts: dict, num_experts: int, has_shared: bool
         oc, ic = shapes[projection]
         groups.append(FormulaGroup(num_experts, oc, ic, rank(projection), side=side(projection)))
         if has_shared:
-            # A stacked shared expert (gate/up) shares the routed basis: METHOD.md §5 with n = E + 1
+            # A stacked shared expert (gate/up) shares the routed basis: docs/method.md §5 with n = E + 1
             # when its size equals the routed experts'; otherwise it adds only its own coefficients.
             soc, sic = shapes[f"shared.{projection}"]
             if shared_stacked.get(projection, False):

@@ -1,4 +1,4 @@
-"""What a packed model costs, the one storage accounting of kbvq: the METHOD.md §5 formula (the paper's
+"""What a packed model costs, the one storage accounting of kbvq: the docs/method.md §5 formula (the paper's
 Appendix A.5) and the bytes per part measured from the tensors written. `kbvq pack` and `kbvq report`
 both count with these functions.
 

@@ -1,4 +1,4 @@
-"""Settings of `kbvq bcos` (METHOD.md §4)."""
+"""Settings of `kbvq bcos` (docs/method.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The math of BCOS (METHOD.md §4): per-channel affine corrections in closed form from input moments.
+"""The math of BCOS (docs/method.md §4): per-channel affine corrections in closed form from input moments.
 
 For one expert and projection, with full-precision `y = W x` and quantized `yh = What x` over the
 tokens routed to that expert, the corrected output is `y_corr = (1 + scale) * yh + shift` (Eq. 7/18),
@@ -122,12 +122,12 @@ def _relative_errors(joint: _JointMoments, scale: torch.Tensor, shift: torch.Ten
 def bcos_correction(weight: torch.Tensor, quantized_weight: torch.Tensor, moments: InputMoments,
                     quantized_moments: InputMoments | None = None, *, mode: Mode = "full",
                     min_tokens: int = 16, min_std_ratio: float = 1e-6) -> BcosCorrection:
-    """The BCOS correction of one expert's projection (METHOD.md §4).
+    """The BCOS correction of one expert's projection (docs/method.md §4).
 
     weight [oc, ic]: full precision `W`; quantized_weight [oc, ic]: `W_share + VQ(W_spec)`.
     moments: the expert's input moments (its routed tokens; all tokens for a shared expert).
     quantized_moments: for `--propagate`, the moments of the inputs the quantized model itself produces
-        at this point; None = the same inputs on both sides (closed form, METHOD.md §4).
+        at this point; None = the same inputs on both sides (closed form, docs/method.md §4).
     """
     if mode not in MODES:
         raise KbvqError(f"bcos mode must be one of {', '.join(MODES)} (got {mode!r})")

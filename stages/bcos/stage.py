@@ -1,4 +1,4 @@
-"""`kbvq bcos`: per expert, projection and output channel, the scale and shift of METHOD.md §4.
+"""`kbvq bcos`: per expert, projection and output channel, the scale and shift of docs/method.md §4.
 
 Shard `RUN/bcos/layer_NNN.safetensors`: `P.scale` and `P.shift` [E, oc] for each projection `P`
 (`gate`, `up`, `down`), and `shared.P.scale` / `shared.P.shift` [oc] for a shared expert, stored in

@@ -1,7 +1,7 @@
 """The math of calibration statistics: running sums of x and x x^T, and routed-token bookkeeping.
 
 Products of a batch are taken in float32 (TF32 off, set by the stage) and accumulated in float64, as
-METHOD.md §1 asks: float64 matmuls run at 1/32 rate on consumer GPUs, float64 sums cost nothing.
+docs/method.md §1 asks: float64 matmuls run at 1/32 rate on consumer GPUs, float64 sums cost nothing.
 """
 
 from __future__ import annotations

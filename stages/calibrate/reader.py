@@ -32,7 +32,7 @@ class Moments:
     count: torch.Tensor
 
     def second_moment(self) -> torch.Tensor:
-        """`C_X = X^T X / (N - 1)` in float64 (METHOD.md §1): uncentred, as the output-MSE identity needs."""
+        """`C_X = X^T X / (N - 1)` in float64 (docs/method.md §1): uncentred, as the output-MSE identity needs."""
         return self.sum_xxT.double() / max(int(self.count.sum()) - 1, 1)
 
 

@@ -1,4 +1,4 @@
-"""`kbvq calibrate`: stream the full-precision model layer by layer and record METHOD.md §1 statistics.
+"""`kbvq calibrate`: stream the full-precision model layer by layer and record docs/method.md §1 statistics.
 
 Directory `RUN/calibrate/`:
 - `tokens.safetensors`: the calibration sequences (int64 [samples, seqlen]);

@@ -1,4 +1,4 @@
-"""Settings of `kbvq eval` (METHOD.md §6); defaults are the paper's protocol."""
+"""Settings of `kbvq eval` (docs/method.md §6); defaults are the paper's protocol."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settings of `kbvq klt-svd` (IDRE, METHOD.md §2); defaults are the paper's."""
+"""Settings of `kbvq klt-svd` (IDRE, docs/method.md §2); defaults are the paper's."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IDRE, the KLT-guided SVD of METHOD.md §2, as pure float64 tensor math.
+"""IDRE, the KLT-guided SVD of docs/method.md §2, as pure float64 tensor math.
 
 Input-shared decomposition (gate, up, and `down` pooled): with `C = T T^T` the damped input second
 moment, every expert is mapped to `What_i = W_i T`; the stack `[What_1; ...; What_n]` is decomposed by
@@ -33,7 +33,7 @@ class Klt:
 
 
 def damped_klt(second_moment: torch.Tensor, damp: float) -> Klt:
-    """KLT of `C + damp * mean(diag C) * I` (METHOD.md §2 steps 1-2). second_moment [ic, ic]."""
+    """KLT of `C + damp * mean(diag C) * I` (docs/method.md §2 steps 1-2). second_moment [ic, ic]."""
     c = second_moment.double()
     c = (c + c.T) / 2  # sums in float32 are symmetric only to rounding
     c = c + damp * c.diagonal().mean().clamp_min(1e-30) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)

@@ -176,7 +176,7 @@ def storage_figure(path: Path, labels: list[str], part_bytes: list[int], bits: d
     for row, value in enumerate(bit_values):
         right.text(value, row, f" {value:.3f}", va="center", fontsize=8)
     right.set_title("effective bits per weight", fontsize=10)
-    figure.suptitle("Storage (Table 8, METHOD.md §5)")
+    figure.suptitle("Storage (Table 8, docs/method.md §5)")
     return _save(figure, path)
 
 

@@ -206,7 +206,7 @@ def _storage_summary(storage: Storage) -> list[str]:
             f"{md.fmt_int(storage.model_weights)}",
             f"- bits per expert weight: {md.fmt_bits(storage.bits_per_expert_weight)} measured (all quantized "
             f"expert matrices){routed}",
-            f"- METHOD.md §5 formula: {md.fmt_bits(storage.formula_bits_per_expert_weight)}, {formula}",
+            f"- docs/method.md §5 formula: {md.fmt_bits(storage.formula_bits_per_expert_weight)}, {formula}",
             f"- whole model: {md.fmt_bits(storage.bits_per_weight)} bits per weight, {md.fmt_int(storage.total_bytes)} "
             f"bytes against {md.fmt_int(storage.original_bytes)} {original} "
             f"({storage.original_bytes / max(storage.total_bytes, 1):.2f}x smaller)", ""]

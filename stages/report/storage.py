@@ -1,4 +1,4 @@
-"""Storage and effective bits per weight (Table 8, METHOD.md §5), from pack's summary or the shard shapes.
+"""Storage and effective bits per weight (Table 8, docs/method.md §5), from pack's summary or the shard shapes.
 
 Without a `pack` stage the bytes are what the packed model will hold, counted from the shapes the
 stages saved: the shared basis and expert coefficients at 16 bits (as klt-svd stores them), the
@@ -38,7 +38,7 @@ class Storage:
     model_weights: int  # every parameter of the model
     bits_per_expert_weight: float  # (all parts but unquantized) * 8 / expert_weights
     bits_per_weight: float  # all parts * 8 / model_weights
-    formula_bits_per_expert_weight: float  # METHOD.md §5 over the routed experts
+    formula_bits_per_expert_weight: float  # docs/method.md §5 over the routed experts
     original_bytes: int  # shards: the model at 16 bits per parameter; pack: the original model files
     origin: str  # "pack" or "shards"
     bytes_on_disk: int | None = None  # pack only: the packed files' size
@@ -115,7 +115,7 @@ def _bcos_bytes(view: RunView) -> dict[str, int]:
 
 
 def formula_bits(view: RunView, bits: int, dim: int) -> tuple[int, int]:
-    """(bits, weights) of METHOD.md §5 summed over MoE layers and projections of the routed experts.
+    """(bits, weights) of docs/method.md §5 summed over MoE layers and projections of the routed experts.
 
     `n` = routed experts, `oc x ic` from expert 0's vq indices, `k` = the rank klt-svd chose (0 where a
     projection has no shared part). A part shared on its output side (`down: output`) stores a `k x oc`

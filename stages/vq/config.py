@@ -1,4 +1,4 @@
-"""Settings of `kbvq vq` (METHOD.md §3); defaults are the paper's (2 bits, d = 4, 100 iterations, seed 42)."""
+"""Settings of `kbvq vq` (docs/method.md §3); defaults are the paper's (2 bits, d = 4, 100 iterations, seed 42)."""
 
 from __future__ import annotations
 

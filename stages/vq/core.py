@@ -1,4 +1,4 @@
-"""Vector quantization of one weight matrix (METHOD.md §3): k-means++ then Lloyd, exact assignment.
+"""Vector quantization of one weight matrix (docs/method.md §3): k-means++ then Lloyd, exact assignment.
 
 A matrix `W [oc, ic]` is cut into sub-vectors of `d` consecutive input weights; one codebook of
 `K = 2^(bits*d)` codewords per matrix; each sub-vector is replaced by its nearest codeword.
