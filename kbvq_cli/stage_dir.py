@@ -16,12 +16,11 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 from kbvq_cli import __version__
 from kbvq_cli.atomic import atomic_write, atomic_write_json, remove_stale_temps
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.hashing import canonical_json, hash_json, sha256_file
+from kbvq_cli.provenance import changed_refusal
 
 MANIFEST = "manifest.json"
 
@@ -36,25 +35,6 @@ class FileRecord:
         return {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Human-readable paths where two JSON-like values differ (for the 'what changed' message)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        changes = []
-        for key in sorted(set(old) | set(new)):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old:
-                changes.append(f"{path} added")
-            elif key not in new:
-                changes.append(f"{path} removed")
-            else:
-                changes.extend(_diff(old[key], new[key], path))
-        return changes
-    if old != new:
-        show = lambda v: (str(v)[:40] + "…") if len(str(v)) > 40 else str(v)  # noqa: E731
-        return [f"{prefix or 'value'}: {show(old)} -> {show(new)}"]
-    return []
-
-
 class StageDir:
     """One stage's output directory. Create with `open_for_write` or `open_finished`."""
 
@@ -65,11 +45,13 @@ class StageDir:
     # ---------------------------------------------------------------- opening
     @classmethod
     def open_for_write(
-        cls, run_dir: Path, stage: str, config: dict, inputs: dict, *, restart: bool = False
+        cls, run_dir: Path, stage: str, config: dict, inputs: dict, *, restart: bool = False,
+        labels: dict | None = None,
     ) -> "StageDir":
         """Create the stage directory, or reopen it to resume after checking config and inputs.
 
         Every finished shard is hashed on resume; one that fails is dropped and redone, and reported.
+        `labels` name the inputs for messages (the model as the user gave it); they are not hashed.
         """
         path = Path(run_dir) / stage
         if restart and path.exists():
@@ -81,6 +63,7 @@ class StageDir:
             "config_hash": hash_json(config),
             "inputs": inputs,
             "inputs_hash": hash_json(inputs),
+            "labels": labels or {},
             "units": {},
             "aux": {},
             "state": {},
@@ -103,17 +86,8 @@ class StageDir:
 
     @staticmethod
     def _refuse_if_changed(path: Path, stage: str, existing: dict, fresh: dict) -> None:
-        changes = []
-        if existing.get("config_hash") != fresh["config_hash"]:
-            changes += _diff(existing.get("config", {}), fresh["config"], "config")
-        if existing.get("inputs_hash") != fresh["inputs_hash"]:
-            changes += _diff(existing.get("inputs", {}), fresh["inputs"], "inputs")
-        if changes:
-            listed = "; ".join(changes[:4]) + ("; …" if len(changes) > 4 else "")
-            raise KbvqError(
-                f"{stage} in {path} was made with other settings ({listed}); "
-                f"pass --restart to redo it, or use another --run directory"
-            )
+        if existing.get("config_hash") != fresh["config_hash"] or existing.get("inputs_hash") != fresh["inputs_hash"]:
+            raise KbvqError(changed_refusal(stage, path, existing, fresh))
 
     @classmethod
     def open_finished(cls, run_dir: Path, stage: str) -> "StageDir":
