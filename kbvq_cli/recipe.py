@@ -144,9 +144,17 @@ def resolve_stage(
 
 
 def save_run_recipe(resolved: ResolvedStage) -> None:
+    """Save the merged recipe into the run, only if that changes the file: a finished run on a
+    read-only disk is then still verified, skipped and evaluated (and an unchanged file keeps its mtime)."""
     import yaml
 
     from kbvq_cli.atomic import atomic_write_text
 
+    path = resolved.run_dir / RECIPE_FILE
     text = yaml.safe_dump(resolved.recipe.to_yaml_data(), sort_keys=False)
-    atomic_write_text(resolved.run_dir / RECIPE_FILE, text)
+    try:
+        if path.read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass  # absent or unreadable: write it
+    atomic_write_text(path, text)

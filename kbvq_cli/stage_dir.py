@@ -78,10 +78,11 @@ class StageDir:
             stage_dir._commit()
             return stage_dir
         cls._refuse_if_changed(path, stage, existing, fresh)
-        remove_stale_temps(path)
         stage_dir = cls(path, existing)
-        stage_dir._remove_orphans()
         stage_dir._verify_own_units()
+        if not stage_dir.complete:  # a complete, verified stage is only read: it may sit on a read-only disk
+            remove_stale_temps(path)
+            stage_dir._remove_orphans()
         return stage_dir
 
     @staticmethod

@@ -53,7 +53,8 @@ class StageRun:
         if not restart:
             config = config_as_recorded(resolved.run_dir / name, config, resolved.settings)
         stage_dir = StageDir.open_for_write(resolved.run_dir, name, config, inputs, restart=restart, labels=labels)
-        save_run_recipe(resolved)
+        if not stage_dir.complete:  # a complete, verified stage is only read: nothing of the run is written
+            save_run_recipe(resolved)
         return cls(name, stage_dir, upstream)
 
     @property
