@@ -79,7 +79,7 @@ class StageDir:
             return stage_dir
         cls._refuse_if_changed(path, stage, existing, fresh)
         stage_dir = cls(path, existing)
-        stage_dir._verify_own_units()
+        stage_dir._verify_own_files()
         if not stage_dir.complete:  # a complete, verified stage is only read: it may sit on a read-only disk
             remove_stale_temps(path)
             stage_dir._remove_orphans()
@@ -183,17 +183,21 @@ class StageDir:
     def _read_record(self, records: dict, name: str, device: str) -> dict:
         from safetensors.torch import load
 
+        # Rerunning the stage repairs it: its resume hashes every file and redoes the bad ones.
+        redo = f"rerun `kbvq {self.stage} --run {self.path.parent}` to redo it"
         if name not in records:
-            raise KbvqError(f"{self.stage} in {self.path.parent} has no shard {name!r}; rerun `kbvq {self.stage}`")
+            raise KbvqError(f"{self.stage} in {self.path.parent} has no shard {name!r}; {redo}")
         record = records[name]
-        data = (self.path / record["file"]).read_bytes()
+        try:
+            data = (self.path / record["file"]).read_bytes()
+        except OSError as error:
+            raise KbvqError(f"{self.stage} shard {record['file']} in {self.path.parent} cannot be read "
+                            f"({error.strerror}); {redo}") from None
         from kbvq_cli.hashing import sha256_bytes
 
         if sha256_bytes(data) != record["sha256"]:
-            raise KbvqError(
-                f"{self.stage} shard {record['file']} in {self.path.parent} is corrupt (sha256 mismatch); "
-                f"rerun `kbvq {self.stage} --run {self.path.parent} --restart` to redo the stage"
-            )
+            raise KbvqError(f"{self.stage} shard {record['file']} in {self.path.parent} is corrupt (sha256 mismatch); "
+                            f"{redo}")
         tensors = load(data)
         return {key: value.to(device) for key, value in tensors.items()} if device != "cpu" else tensors
 
@@ -205,30 +209,41 @@ class StageDir:
             if shard.name not in named:
                 shard.unlink(missing_ok=True)
 
-    def _verify_own_units(self) -> None:
-        """On resume, hash every finished shard; a bad one is dropped and redone, never used."""
+    def _verify_own_files(self) -> None:
+        """On resume, hash every committed file, units and aux alike; a bad one is dropped from the manifest
+        (in memory: the next commit records it) and redone, never used. The stage then knows what to redo
+        from what is missing: calibrate, for instance, rewrites lost tokens and recomputes a lost
+        activations checkpoint (`kbvq_cli.activations`)."""
         bad = []
-        for name, record in list(self.manifest["units"].items()):
-            file = self.path / record["file"]
-            if not file.exists() or file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
-                bad.append(record["file"])
-                del self.manifest["units"][name]
+        for records in (self.manifest["units"], self.manifest["aux"]):
+            for name, record in list(records.items()):
+                file = self.path / record["file"]
+                if not file.exists() or file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
+                    bad.append(record["file"])
+                    del records[name]
         if bad:
             from kbvq_cli.console import warn
 
-            warn(f"{self.stage}: {len(bad)} shard(s) failed verification and will be redone: {', '.join(bad[:5])}")
+            warn(f"{self.stage}: {len(bad)} file(s) failed verification and will be redone: {', '.join(bad[:5])}")
             self.manifest["complete"] = False
-            self._commit()
 
 
 def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    which = f"the manifest of {path.name} in {path.parent}"
+    # Without its manifest no shard of the stage can be verified, so nothing of it can be reused.
+    redo = (f"none of its shards can be trusted without it; redo the stage with "
+            f"`kbvq {path.name} --run {path.parent} --restart`")
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError) as error:
-        raise KbvqError(f"manifest of {path} is unreadable ({error}); pass --restart to redo this stage") from None
-    for key in ("stage", "config_hash", "inputs_hash", "units"):
-        if key not in manifest:
-            raise KbvqError(f"manifest of {path} lacks {key!r}; pass --restart to redo this stage")
+        manifest = json.loads((path / MANIFEST).read_text())
+    except OSError as error:
+        raise KbvqError(f"{which} is unreadable ({error.strerror}); {redo}") from None
+    except ValueError:
+        raise KbvqError(f"{which} is unreadable (not valid JSON); {redo}") from None
+    required = ("stage", "config_hash", "inputs_hash", "units")
+    missing = [key for key in required if key not in manifest] if isinstance(manifest, dict) else ["stage"]
+    if missing:
+        raise KbvqError(f"{which} lacks {missing[0]!r}; {redo}")
     manifest.setdefault("aux", {})
     manifest.setdefault("state", {})
     return manifest
