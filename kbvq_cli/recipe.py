@@ -111,6 +111,8 @@ class ResolvedStage:
     model: str | None
     settings: Any
     recipe: Recipe
+    # How this invocation may run, not what it makes: never hashed, never saved in the recipe.
+    allow_thread_change: bool = False
 
 
 def resolve_stage(
@@ -120,6 +122,7 @@ def resolve_stage(
     recipe_path: str | None,
     model: str | None,
     overrides: dict[str, Any],
+    allow_thread_change: bool = False,
 ) -> ResolvedStage:
     """Apply the layers of settings for one stage and save the merged recipe into the run."""
     file_recipe = load_recipe(Path(recipe_path)) if recipe_path else Recipe()
@@ -140,7 +143,8 @@ def resolve_stage(
     recipe = Recipe(model=model, run=str(run_dir), description=file_recipe.description or saved.description,
                     stages=stages, method=file_recipe.method or saved.method,
                     calibration=file_recipe.calibration or saved.calibration)
-    return ResolvedStage(run_dir=run_dir, model=model, settings=settings, recipe=recipe)
+    return ResolvedStage(run_dir=run_dir, model=model, settings=settings, recipe=recipe,
+                         allow_thread_change=allow_thread_change)
 
 
 def save_run_recipe(resolved: ResolvedStage) -> None:

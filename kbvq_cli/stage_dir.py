@@ -41,21 +41,31 @@ class StageDir:
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest
+        self._pending: str | None = None  # what `begin_write` has still to write
 
     # ---------------------------------------------------------------- opening
     @classmethod
     def open_for_write(
         cls, run_dir: Path, stage: str, config: dict, inputs: dict, *, restart: bool = False,
-        labels: dict | None = None,
+        labels: dict | None = None, runtime: dict | None = None,
     ) -> "StageDir":
         """Create the stage directory, or reopen it to resume after checking config and inputs.
 
-        Every finished shard is hashed on resume; one that fails is dropped and redone, and reported.
-        `labels` name the inputs for messages (the model as the user gave it); they are not hashed.
+        Every finished file is hashed on resume; one that fails is dropped and redone, and reported.
+        `labels` name the inputs for messages (the model as the user gave it) and `runtime` says where
+        the stage ran (its thread count); neither is hashed.
         """
+        return cls.prepare_write(run_dir, stage, config, inputs, restart=restart, labels=labels,
+                                 runtime=runtime).begin_write()
+
+    @classmethod
+    def prepare_write(
+        cls, run_dir: Path, stage: str, config: dict, inputs: dict, *, restart: bool = False,
+        labels: dict | None = None, runtime: dict | None = None,
+    ) -> "StageDir":
+        """`open_for_write`'s reading and checking, writing nothing, so a caller can add its own checks
+        before `begin_write` makes the first write: a refused command leaves the directory as it was."""
         path = Path(run_dir) / stage
-        if restart and path.exists():
-            shutil.rmtree(path)
         fresh = {
             "stage": stage,
             "tool_version": __version__,
@@ -64,26 +74,39 @@ class StageDir:
             "inputs": inputs,
             "inputs_hash": hash_json(inputs),
             "labels": labels or {},
+            "runtime": runtime or {},
             "units": {},
             "aux": {},
             "state": {},
             "complete": False,
             "summary": {},
         }
-        existing = read_manifest(path) if (path / MANIFEST).exists() else None
-        if existing is None:
-            path.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(path)
+        if restart or not (path / MANIFEST).exists():  # a restart discards the old manifest unread
             stage_dir = cls(path, fresh)
-            stage_dir._commit()
+            stage_dir._pending = "restart" if restart else "create"
             return stage_dir
+        existing = read_manifest(path)
         cls._refuse_if_changed(path, stage, existing, fresh)
         stage_dir = cls(path, existing)
         stage_dir._verify_own_files()
-        if not stage_dir.complete:  # a complete, verified stage is only read: it may sit on a read-only disk
-            remove_stale_temps(path)
-            stage_dir._remove_orphans()
+        # A complete, verified stage is only read: it may sit on a read-only disk.
+        stage_dir._pending = None if stage_dir.complete else "resume"
         return stage_dir
+
+    def begin_write(self) -> "StageDir":
+        """Make the writes `prepare_write` planned: discard a restarted stage, create the directory and its
+        first manifest, or tidy a resumed one (stale temp files, uncommitted shards)."""
+        pending, self._pending = self._pending, None
+        if pending == "restart" and self.path.exists():
+            shutil.rmtree(self.path)
+        if pending in ("restart", "create"):
+            self.path.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path)
+            self._commit()
+        elif pending == "resume":
+            remove_stale_temps(self.path)
+            self._remove_orphans()
+        return self
 
     @staticmethod
     def _refuse_if_changed(path: Path, stage: str, existing: dict, fresh: dict) -> None:
@@ -119,6 +142,11 @@ class StageDir:
     @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
+
+    @property
+    def has_work(self) -> bool:
+        """Whether anything of this stage has been committed (a unit, or an aux file such as a checkpoint)."""
+        return bool(self.manifest["units"] or self.manifest["aux"])
 
     def has_unit(self, name: str) -> bool:
         return name in self.manifest["units"]

@@ -13,7 +13,8 @@ names (model fingerprint, data). A stage keeps no list of its own upstream stage
 `open` checks everything before it writes anything, so a refused command leaves the run as it was:
 the lineage (`kbvq_cli.lineage`: the upstream stages were made from the model this command reads),
 then the stage's own recorded settings and inputs; only then is the stage directory written and the
-merged recipe saved into `RUN/recipe.yaml`.
+merged recipe saved into `RUN/recipe.yaml`. Partial work is resumed only on the torch thread count it
+was begun with (`kbvq_cli.threads`), unless the command passes `--allow-thread-change`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from kbvq_cli.lineage import check_lineage
 from kbvq_cli.recipe import ResolvedStage, save_run_recipe
 from kbvq_cli.registry import upstream_of
 from kbvq_cli.settings import settings_dict
+from kbvq_cli.threads import check_thread_count, thread_record
 from kbvq_cli.stage_dir import MANIFEST, StageDir, read_manifest
 
 
@@ -52,8 +54,13 @@ class StageRun:
         config = hashed_settings(resolved.settings)
         if not restart:
             config = config_as_recorded(resolved.run_dir / name, config, resolved.settings)
-        stage_dir = StageDir.open_for_write(resolved.run_dir, name, config, inputs, restart=restart, labels=labels)
+        threads = thread_record()
+        stage_dir = StageDir.prepare_write(resolved.run_dir, name, config, inputs, restart=restart, labels=labels,
+                                           runtime=threads)
+        check_thread_count(stage_dir, threads, resolved.allow_thread_change)
+        stage_dir.begin_write()  # every check has passed: the first write
         if not stage_dir.complete:  # a complete, verified stage is only read: nothing of the run is written
+            stage_dir.manifest["runtime"] = threads  # committed with the stage's next commit
             save_run_recipe(resolved)
         return cls(name, stage_dir, upstream)
 
