@@ -1,17 +1,29 @@
-"""Committing a layer together with the activations that feed the next one (for layer-streamed stages).
+"""Layer-streamed stages (calibrate, bcos --propagate): committing a layer with the activations that feed
+the next one, and planning which layers to run when a stage resumes or repairs itself.
 
-Order: the layer's shard and the next activations are written first, then one manifest commit names
-both, then the previous activations file is deleted. A kill at any point leaves a manifest that names
-a consistent (layer done, activations for the next layer) pair, so the run resumes bit-identically.
+Commit order: the layer's shard and the next activations are written first, then one manifest commit
+names both, then the previous activations file is deleted. A kill at any point leaves a manifest that
+names a consistent (layer done, activations for the next layer) pair, so the run resumes bit-identically.
+
+Only the latest activations are kept (one is the size of the whole calibration set's hidden states), so
+a layer shard lost *before* that checkpoint, or a lost checkpoint, cannot resume from it. The input of
+any layer can always be recomputed from the stored tokens, though: `plan_layers` then starts from the
+embeddings and reruns the layers before it forward only (same code, same batches, so the same bits),
+and says how many layers that is.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kbvq_cli.console import info, warn
 from kbvq_cli.stage_dir import StageDir
 
 
 def commit_layer(stage_dir: StageDir, index: int, unit: tuple[str, dict, dict] | None, hidden, state: dict) -> None:
-    """`unit` = (name, tensors, metadata) or None; `hidden` = the next layer's input, None after the last."""
+    """`unit` = (name, tensors, metadata) or None; `hidden` = the next layer's input, None when no later
+    layer runs."""
     old = stage_dir.manifest["aux"].get("activations")
     aux = {}
     if hidden is not None:
@@ -28,7 +40,36 @@ def commit_layer(stage_dir: StageDir, index: int, unit: tuple[str, dict, dict] |
         (stage_dir.path / old["file"]).unlink(missing_ok=True)
 
 
-def resume_activations(stage_dir: StageDir, first_input):
-    """(next layer, its input): from the committed checkpoint, or (0, first_input()) on a fresh run."""
-    start = int(stage_dir.manifest["state"].get("next_layer", 0))
-    return (start, stage_dir.read_aux("activations")["hidden"]) if start else (0, first_input())
+@dataclass(frozen=True)
+class LayerPlan:
+    """The layers to run on this invocation: `range(start, stop)`, of which those in `todo` make their
+    unit and the others only carry the activations forward; `hidden` is the input of layer `start`."""
+
+    start: int
+    stop: int
+    todo: frozenset[int]
+    hidden: Any
+
+    def is_last(self, index: int) -> bool:
+        """No layer after `index` runs, so its output is not needed."""
+        return index + 1 == self.stop
+
+
+def plan_layers(stage_dir: StageDir, todo: list[int], first_input: Callable[[], Any]) -> LayerPlan | None:
+    """Where to start so that every layer in `todo` (those whose unit is missing) is made. None if none is.
+
+    From the committed activations checkpoint when it is the input of a layer at or before the first
+    missing one; otherwise from `first_input()` (the embeddings of the stored tokens), with a warning.
+    """
+    if not todo:
+        return None
+    first, stop = min(todo), max(todo) + 1
+    checkpoint = int(stage_dir.manifest["state"].get("next_layer", 0))
+    if "activations" in stage_dir.manifest["aux"] and 0 < checkpoint <= first:
+        info(f"{stage_dir.stage}: resuming at layer {checkpoint}")
+        return LayerPlan(checkpoint, stop, frozenset(todo), stage_dir.read_aux("activations")["hidden"])
+    if first > 0:
+        warn(f"{stage_dir.stage}: layer {first} needs its input and no activations checkpoint at or before it "
+             f"survives (only the latest is kept); recomputing it from the stored tokens: layers 0-{first - 1} "
+             f"({first} layer(s)) run again, forward only")
+    return LayerPlan(0, stop, frozenset(todo), first_input())

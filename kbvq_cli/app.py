@@ -28,6 +28,9 @@ RunOption = Annotated[Optional[str], typer.Option("--run", help="Run directory (
 RecipeOption = Annotated[Optional[str], typer.Option("--recipe", help="Recipe YAML; command-line options override it.")]
 RestartOption = Annotated[bool, typer.Option("--restart", help="Discard this stage's existing output and redo it.")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
+ThreadsOption = Annotated[bool, typer.Option(
+    "--allow-thread-change", help="Resume work begun with another torch thread count (the result may then "
+    "differ in the last bits from an uninterrupted run).")]
 
 
 def print_error(message: str) -> None:
@@ -60,13 +63,15 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
-def run_stage(stage: str, *, run, recipe, model=None, restart=False, overrides: dict[str, Any]) -> None:
+def run_stage(stage: str, *, run, recipe, model=None, restart=False, allow_thread_change=False,
+              overrides: dict[str, Any]) -> None:
     with user_errors():
         from kbvq_cli.recipe import resolve_stage
         from kbvq_cli.registry import STAGES
         from kbvq_cli.run_lock import stage_lock
 
-        resolved = resolve_stage(stage, run=run, recipe_path=recipe, model=model, overrides=overrides)
+        resolved = resolve_stage(stage, run=run, recipe_path=recipe, model=model, overrides=overrides,
+                                 allow_thread_change=allow_thread_change)
         with stage_lock(resolved.run_dir, stage):
             STAGES[stage].runner_function()(resolved, restart=restart)
 
@@ -85,11 +90,13 @@ def calibrate(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")] = None,
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of the data.")] = None,
     restart: RestartOption = False,
+    allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Record the calibration statistics of docs/method.md §1, layer by layer, streaming the model."""
     overrides = dict(data=data, samples=samples, seqlen=seqlen, seed=seed, device=device,
                      batch_size=batch_size, text_field=text_field)
-    run_stage("calibrate", run=run, recipe=recipe, model=model, restart=restart, overrides=overrides)
+    run_stage("calibrate", run=run, recipe=recipe, model=model, restart=restart,
+              allow_thread_change=allow_thread_change, overrides=overrides)
 
 
 @app.command("klt-svd")
@@ -104,11 +111,13 @@ def klt_svd(
     down: Annotated[Optional[str], typer.Option("--down", help="down projection: pooled, output or off.")] = None,
     device: DeviceOption = None,
     restart: RestartOption = False,
+    allow_thread_change: ThreadsOption = False,
 ) -> None:
     """IDRE: KLT-guided SVD of each layer's stacked experts into a shared basis and per-expert coefficients."""
     overrides = dict(rank_ratio=rank_ratio, rank=rank, energy=energy, klt=False if no_klt else None,
                      damp=damp, down=down, device=device)
-    run_stage("klt-svd", run=run, recipe=recipe, restart=restart, overrides=overrides)
+    run_stage("klt-svd", run=run, recipe=recipe, restart=restart,
+              allow_thread_change=allow_thread_change, overrides=overrides)
 
 
 @app.command()
@@ -124,11 +133,13 @@ def vq(
         "--error-feedback/--no-error-feedback", help="GPTQ-style error feedback in the assignment (GPTVQ, Table 5).")] = None,
     device: DeviceOption = None,
     restart: RestartOption = False,
+    allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Vector-quantize each expert's specific part with its own k-means codebook."""
     overrides = dict(bits=bits, dim=dim, iters=iters, backend=backend, seed=seed, device=device,
                      error_feedback=error_feedback)
-    run_stage("vq", run=run, recipe=recipe, restart=restart, overrides=overrides)
+    run_stage("vq", run=run, recipe=recipe, restart=restart,
+              allow_thread_change=allow_thread_change, overrides=overrides)
 
 
 @app.command()
@@ -139,10 +150,12 @@ def bcos(
     propagate: Annotated[Optional[bool], typer.Option("--propagate/--no-propagate", help="Use the quantized model's own inputs.")] = None,
     device: DeviceOption = None,
     restart: RestartOption = False,
+    allow_thread_change: ThreadsOption = False,
 ) -> None:
     """BCOS: per-channel scale and shift restoring each expert's output mean and variance."""
     overrides = dict(mode=mode, propagate=propagate, device=device)
-    run_stage("bcos", run=run, recipe=recipe, restart=restart, overrides=overrides)
+    run_stage("bcos", run=run, recipe=recipe, restart=restart,
+              allow_thread_change=allow_thread_change, overrides=overrides)
 
 
 @app.command()
@@ -158,10 +171,12 @@ def gptq(
     damp: Annotated[Optional[float], typer.Option("--damp", help="Hessian damping, fraction of mean(diag H) (default 0.01).")] = None,
     device: DeviceOption = None,
     restart: RestartOption = False,
+    allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Baselines (Table 1): RTN or GPTQ scalar quantization of every expert matrix, from calibrate alone."""
     overrides = dict(method=method, bits=bits, group_size=group_size, act_order=act_order, damp=damp, device=device)
-    run_stage("gptq", run=run, recipe=recipe, restart=restart, overrides=overrides)
+    run_stage("gptq", run=run, recipe=recipe, restart=restart,
+              allow_thread_change=allow_thread_change, overrides=overrides)
 
 
 @app.command()
@@ -176,10 +191,12 @@ def nonexpert(
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Columns per scale/zero (default 128).")] = None,
     device: DeviceOption = None,
     restart: RestartOption = False,
+    allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Quantize (or, by default, keep) the linear layers outside the experts: attention, dense MLPs."""
     overrides = dict(method=method, modules=modules, bits=bits, group_size=group_size, device=device)
-    run_stage("nonexpert", run=run, recipe=recipe, restart=restart, overrides=overrides)
+    run_stage("nonexpert", run=run, recipe=recipe, restart=restart,
+              allow_thread_change=allow_thread_change, overrides=overrides)
 
 
 @app.command()
@@ -192,6 +209,7 @@ def pack(
     unquantized_dtype: Annotated[Optional[str], typer.Option(
         "--unquantized-dtype", help="original, float16 or bfloat16: how weights left unquantized are stored.")] = None,
     restart: RestartOption = False,
+    allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Write a compact, loadable quantized model directory (RUN/pack) and report its bits per weight."""
     with user_errors():
@@ -199,7 +217,8 @@ def pack(
         from kbvq_cli.run_lock import run_lock
 
         resolved = resolve_stage("pack", run=run, recipe_path=recipe, model=None,
-                                 overrides=dict(unquantized_dtype=unquantized_dtype))
+                                 overrides=dict(unquantized_dtype=unquantized_dtype),
+                                 allow_thread_change=allow_thread_change)
         with run_lock(resolved.run_dir):
             if dense:
                 from stages.pack.dense import export_dense
@@ -256,12 +275,13 @@ def run_all(
     recipe: Annotated[str, typer.Option("--recipe", help="Recipe YAML naming the model and every stage's settings.")],
     run: RunOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and print the plan; run nothing.")] = False,
+    allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Run every stage of a recipe in order, resuming whatever is already done."""
     with user_errors():
         from kbvq_cli.pipeline import run_recipe
 
-        run_recipe(recipe, run, dry_run=dry_run)
+        run_recipe(recipe, run, dry_run=dry_run, allow_thread_change=allow_thread_change)
 
 
 @app.command()

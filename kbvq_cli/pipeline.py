@@ -22,7 +22,7 @@ def run_dir_of(recipe, run: str | None) -> str:
     return run or recipe.run or str(Path("runs") / model_short_name(recipe.model))
 
 
-def run_recipe(recipe_path: str, run: str | None, *, dry_run: bool = False) -> Path:
+def run_recipe(recipe_path: str, run: str | None, *, dry_run: bool = False, allow_thread_change: bool = False) -> Path:
     recipe = load_recipe(Path(recipe_path))
     resolved = validate_recipe(recipe, f"recipe {recipe_path}")
     if recipe.model is None:
@@ -40,16 +40,19 @@ def run_recipe(recipe_path: str, run: str | None, *, dry_run: bool = False) -> P
         for name in stages:
             heading(f"== {name}")
             if name == "calibrate" and recipe.calibration:
-                run_shared_calibration(recipe_path, recipe.calibration, Path(run_dir))
+                run_shared_calibration(recipe_path, recipe.calibration, Path(run_dir), allow_thread_change)
                 continue
-            stage = resolve_stage(name, run=run_dir, recipe_path=recipe_path, model=None, overrides={})
+            stage = resolve_stage(name, run=run_dir, recipe_path=recipe_path, model=None, overrides={},
+                                  allow_thread_change=allow_thread_change)
             STAGES[name].runner_function()(stage, restart=False)
     return Path(run_dir)
 
 
-def run_shared_calibration(recipe_path: str, calibration: str, run_dir: Path) -> None:
+def run_shared_calibration(recipe_path: str, calibration: str, run_dir: Path, allow_thread_change: bool = False
+                           ) -> None:
     """Calibrate (or resume, or verify) in the shared directory, and link RUN/calibrate to it."""
-    stage = resolve_stage("calibrate", run=calibration, recipe_path=recipe_path, model=None, overrides={})
+    stage = resolve_stage("calibrate", run=calibration, recipe_path=recipe_path, model=None, overrides={},
+                          allow_thread_change=allow_thread_change)
     with run_lock(Path(calibration)):  # the shared directory is another run's too: one writer at a time
         STAGES["calibrate"].runner_function()(stage, restart=False)
     target = (Path(calibration) / "calibrate").resolve()

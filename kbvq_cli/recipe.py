@@ -111,6 +111,8 @@ class ResolvedStage:
     model: str | None
     settings: Any
     recipe: Recipe
+    # How this invocation may run, not what it makes: never hashed, never saved in the recipe.
+    allow_thread_change: bool = False
 
 
 def resolve_stage(
@@ -120,6 +122,7 @@ def resolve_stage(
     recipe_path: str | None,
     model: str | None,
     overrides: dict[str, Any],
+    allow_thread_change: bool = False,
 ) -> ResolvedStage:
     """Apply the layers of settings for one stage and save the merged recipe into the run."""
     file_recipe = load_recipe(Path(recipe_path)) if recipe_path else Recipe()
@@ -140,13 +143,22 @@ def resolve_stage(
     recipe = Recipe(model=model, run=str(run_dir), description=file_recipe.description or saved.description,
                     stages=stages, method=file_recipe.method or saved.method,
                     calibration=file_recipe.calibration or saved.calibration)
-    return ResolvedStage(run_dir=run_dir, model=model, settings=settings, recipe=recipe)
+    return ResolvedStage(run_dir=run_dir, model=model, settings=settings, recipe=recipe,
+                         allow_thread_change=allow_thread_change)
 
 
 def save_run_recipe(resolved: ResolvedStage) -> None:
+    """Save the merged recipe into the run, only if that changes the file: a finished run on a
+    read-only disk is then still verified, skipped and evaluated (and an unchanged file keeps its mtime)."""
     import yaml
 
     from kbvq_cli.atomic import atomic_write_text
 
+    path = resolved.run_dir / RECIPE_FILE
     text = yaml.safe_dump(resolved.recipe.to_yaml_data(), sort_keys=False)
-    atomic_write_text(resolved.run_dir / RECIPE_FILE, text)
+    try:
+        if path.read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass  # absent or unreadable: write it
+    atomic_write_text(path, text)

@@ -16,12 +16,11 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 from kbvq_cli import __version__
 from kbvq_cli.atomic import atomic_write, atomic_write_json, remove_stale_temps
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.hashing import canonical_json, hash_json, sha256_file
+from kbvq_cli.provenance import changed_refusal
 
 MANIFEST = "manifest.json"
 
@@ -36,44 +35,37 @@ class FileRecord:
         return {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Human-readable paths where two JSON-like values differ (for the 'what changed' message)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        changes = []
-        for key in sorted(set(old) | set(new)):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old:
-                changes.append(f"{path} added")
-            elif key not in new:
-                changes.append(f"{path} removed")
-            else:
-                changes.extend(_diff(old[key], new[key], path))
-        return changes
-    if old != new:
-        show = lambda v: (str(v)[:40] + "…") if len(str(v)) > 40 else str(v)  # noqa: E731
-        return [f"{prefix or 'value'}: {show(old)} -> {show(new)}"]
-    return []
-
-
 class StageDir:
     """One stage's output directory. Create with `open_for_write` or `open_finished`."""
 
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest
+        self._pending: str | None = None  # what `begin_write` has still to write
 
     # ---------------------------------------------------------------- opening
     @classmethod
     def open_for_write(
-        cls, run_dir: Path, stage: str, config: dict, inputs: dict, *, restart: bool = False
+        cls, run_dir: Path, stage: str, config: dict, inputs: dict, *, restart: bool = False,
+        labels: dict | None = None, runtime: dict | None = None,
     ) -> "StageDir":
         """Create the stage directory, or reopen it to resume after checking config and inputs.
 
-        Every finished shard is hashed on resume; one that fails is dropped and redone, and reported.
+        Every finished file is hashed on resume; one that fails is dropped and redone, and reported.
+        `labels` name the inputs for messages (the model as the user gave it) and `runtime` says where
+        the stage ran (its thread count); neither is hashed.
         """
+        return cls.prepare_write(run_dir, stage, config, inputs, restart=restart, labels=labels,
+                                 runtime=runtime).begin_write()
+
+    @classmethod
+    def prepare_write(
+        cls, run_dir: Path, stage: str, config: dict, inputs: dict, *, restart: bool = False,
+        labels: dict | None = None, runtime: dict | None = None,
+    ) -> "StageDir":
+        """`open_for_write`'s reading and checking, writing nothing, so a caller can add its own checks
+        before `begin_write` makes the first write: a refused command leaves the directory as it was."""
         path = Path(run_dir) / stage
-        if restart and path.exists():
-            shutil.rmtree(path)
         fresh = {
             "stage": stage,
             "tool_version": __version__,
@@ -81,39 +73,45 @@ class StageDir:
             "config_hash": hash_json(config),
             "inputs": inputs,
             "inputs_hash": hash_json(inputs),
+            "labels": labels or {},
+            "runtime": runtime or {},
             "units": {},
             "aux": {},
             "state": {},
             "complete": False,
             "summary": {},
         }
-        existing = read_manifest(path) if (path / MANIFEST).exists() else None
-        if existing is None:
-            path.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(path)
+        if restart or not (path / MANIFEST).exists():  # a restart discards the old manifest unread
             stage_dir = cls(path, fresh)
-            stage_dir._commit()
+            stage_dir._pending = "restart" if restart else "create"
             return stage_dir
+        existing = read_manifest(path)
         cls._refuse_if_changed(path, stage, existing, fresh)
-        remove_stale_temps(path)
         stage_dir = cls(path, existing)
-        stage_dir._remove_orphans()
-        stage_dir._verify_own_units()
+        stage_dir._verify_own_files()
+        # A complete, verified stage is only read: it may sit on a read-only disk.
+        stage_dir._pending = None if stage_dir.complete else "resume"
         return stage_dir
+
+    def begin_write(self) -> "StageDir":
+        """Make the writes `prepare_write` planned: discard a restarted stage, create the directory and its
+        first manifest, or tidy a resumed one (stale temp files, uncommitted shards)."""
+        pending, self._pending = self._pending, None
+        if pending == "restart" and self.path.exists():
+            shutil.rmtree(self.path)
+        if pending in ("restart", "create"):
+            self.path.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path)
+            self._commit()
+        elif pending == "resume":
+            remove_stale_temps(self.path)
+            self._remove_orphans()
+        return self
 
     @staticmethod
     def _refuse_if_changed(path: Path, stage: str, existing: dict, fresh: dict) -> None:
-        changes = []
-        if existing.get("config_hash") != fresh["config_hash"]:
-            changes += _diff(existing.get("config", {}), fresh["config"], "config")
-        if existing.get("inputs_hash") != fresh["inputs_hash"]:
-            changes += _diff(existing.get("inputs", {}), fresh["inputs"], "inputs")
-        if changes:
-            listed = "; ".join(changes[:4]) + ("; …" if len(changes) > 4 else "")
-            raise KbvqError(
-                f"{stage} in {path} was made with other settings ({listed}); "
-                f"pass --restart to redo it, or use another --run directory"
-            )
+        if existing.get("config_hash") != fresh["config_hash"] or existing.get("inputs_hash") != fresh["inputs_hash"]:
+            raise KbvqError(changed_refusal(stage, path, existing, fresh))
 
     @classmethod
     def open_finished(cls, run_dir: Path, stage: str) -> "StageDir":
@@ -144,6 +142,11 @@ class StageDir:
     @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
+
+    @property
+    def has_work(self) -> bool:
+        """Whether anything of this stage has been committed (a unit, or an aux file such as a checkpoint)."""
+        return bool(self.manifest["units"] or self.manifest["aux"])
 
     def has_unit(self, name: str) -> bool:
         return name in self.manifest["units"]
@@ -209,17 +212,21 @@ class StageDir:
     def _read_record(self, records: dict, name: str, device: str) -> dict:
         from safetensors.torch import load
 
+        # Rerunning the stage repairs it: its resume hashes every file and redoes the bad ones.
+        redo = f"rerun `kbvq {self.stage} --run {self.path.parent}` to redo it"
         if name not in records:
-            raise KbvqError(f"{self.stage} in {self.path.parent} has no shard {name!r}; rerun `kbvq {self.stage}`")
+            raise KbvqError(f"{self.stage} in {self.path.parent} has no shard {name!r}; {redo}")
         record = records[name]
-        data = (self.path / record["file"]).read_bytes()
+        try:
+            data = (self.path / record["file"]).read_bytes()
+        except OSError as error:
+            raise KbvqError(f"{self.stage} shard {record['file']} in {self.path.parent} cannot be read "
+                            f"({error.strerror}); {redo}") from None
         from kbvq_cli.hashing import sha256_bytes
 
         if sha256_bytes(data) != record["sha256"]:
-            raise KbvqError(
-                f"{self.stage} shard {record['file']} in {self.path.parent} is corrupt (sha256 mismatch); "
-                f"rerun `kbvq {self.stage} --run {self.path.parent} --restart` to redo the stage"
-            )
+            raise KbvqError(f"{self.stage} shard {record['file']} in {self.path.parent} is corrupt (sha256 mismatch); "
+                            f"{redo}")
         tensors = load(data)
         return {key: value.to(device) for key, value in tensors.items()} if device != "cpu" else tensors
 
@@ -231,30 +238,41 @@ class StageDir:
             if shard.name not in named:
                 shard.unlink(missing_ok=True)
 
-    def _verify_own_units(self) -> None:
-        """On resume, hash every finished shard; a bad one is dropped and redone, never used."""
+    def _verify_own_files(self) -> None:
+        """On resume, hash every committed file, units and aux alike; a bad one is dropped from the manifest
+        (in memory: the next commit records it) and redone, never used. The stage then knows what to redo
+        from what is missing: calibrate, for instance, rewrites lost tokens and recomputes a lost
+        activations checkpoint (`kbvq_cli.activations`)."""
         bad = []
-        for name, record in list(self.manifest["units"].items()):
-            file = self.path / record["file"]
-            if not file.exists() or file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
-                bad.append(record["file"])
-                del self.manifest["units"][name]
+        for records in (self.manifest["units"], self.manifest["aux"]):
+            for name, record in list(records.items()):
+                file = self.path / record["file"]
+                if not file.exists() or file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
+                    bad.append(record["file"])
+                    del records[name]
         if bad:
             from kbvq_cli.console import warn
 
-            warn(f"{self.stage}: {len(bad)} shard(s) failed verification and will be redone: {', '.join(bad[:5])}")
+            warn(f"{self.stage}: {len(bad)} file(s) failed verification and will be redone: {', '.join(bad[:5])}")
             self.manifest["complete"] = False
-            self._commit()
 
 
 def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    which = f"the manifest of {path.name} in {path.parent}"
+    # Without its manifest no shard of the stage can be verified, so nothing of it can be reused.
+    redo = (f"none of its shards can be trusted without it; redo the stage with "
+            f"`kbvq {path.name} --run {path.parent} --restart`")
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError) as error:
-        raise KbvqError(f"manifest of {path} is unreadable ({error}); pass --restart to redo this stage") from None
-    for key in ("stage", "config_hash", "inputs_hash", "units"):
-        if key not in manifest:
-            raise KbvqError(f"manifest of {path} lacks {key!r}; pass --restart to redo this stage")
+        manifest = json.loads((path / MANIFEST).read_text())
+    except OSError as error:
+        raise KbvqError(f"{which} is unreadable ({error.strerror}); {redo}") from None
+    except ValueError:
+        raise KbvqError(f"{which} is unreadable (not valid JSON); {redo}") from None
+    required = ("stage", "config_hash", "inputs_hash", "units")
+    missing = [key for key in required if key not in manifest] if isinstance(manifest, dict) else ["stage"]
+    if missing:
+        raise KbvqError(f"{which} lacks {missing[0]!r}; {redo}")
     manifest.setdefault("aux", {})
     manifest.setdefault("state", {})
     return manifest

@@ -9,6 +9,12 @@
 `open` hashes the stage's settings (all but where-it-runs keys such as the device) and its inputs: the
 manifests of the upstream stages the registry declares for it (`kbvq_cli.registry`) plus what the stage
 names (model fingerprint, data). A stage keeps no list of its own upstream stages.
+
+`open` checks everything before it writes anything, so a refused command leaves the run as it was:
+the lineage (`kbvq_cli.lineage`: the upstream stages were made from the model this command reads),
+then the stage's own recorded settings and inputs; only then is the stage directory written and the
+merged recipe saved into `RUN/recipe.yaml`. Partial work is resumed only on the torch thread count it
+was begun with (`kbvq_cli.threads`), unless the command passes `--allow-thread-change`.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from dataclasses import dataclass, field
 
 from kbvq_cli.console import info
 from kbvq_cli.errors import KbvqError
+from kbvq_cli.lineage import check_lineage
 from kbvq_cli.recipe import ResolvedStage, save_run_recipe
 from kbvq_cli.registry import upstream_of
 from kbvq_cli.settings import settings_dict
+from kbvq_cli.threads import check_thread_count, thread_record
 from kbvq_cli.stage_dir import MANIFEST, StageDir, read_manifest
 
 
@@ -39,11 +47,21 @@ class StageRun:
         """Open (create, or reopen to resume) `RUN/<name>`. `inputs` are hashed beside the upstream manifests."""
         upstream = upstream_dirs(resolved, name)
         recorded = {"upstream": {stage: d.manifest_hash() for stage, d in upstream.items()}} if upstream else {}
+        inputs = {**recorded, **inputs}
+        labels = {"model": resolved.model} if "model" in inputs else {}
+        # `--restart` redoes this stage on the same lineage; it never re-points the run at another model.
+        check_lineage(resolved.run_dir, inputs, labels, upstream)
         config = hashed_settings(resolved.settings)
-        save_run_recipe(resolved)
         if not restart:
             config = config_as_recorded(resolved.run_dir / name, config, resolved.settings)
-        stage_dir = StageDir.open_for_write(resolved.run_dir, name, config, {**recorded, **inputs}, restart=restart)
+        threads = thread_record()
+        stage_dir = StageDir.prepare_write(resolved.run_dir, name, config, inputs, restart=restart, labels=labels,
+                                           runtime=threads)
+        check_thread_count(stage_dir, threads, resolved.allow_thread_change)
+        stage_dir.begin_write()  # every check has passed: the first write
+        if not stage_dir.complete:  # a complete, verified stage is only read: nothing of the run is written
+            stage_dir.manifest["runtime"] = threads  # committed with the stage's next commit
+            save_run_recipe(resolved)
         return cls(name, stage_dir, upstream)
 
     @property

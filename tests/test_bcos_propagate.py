@@ -28,3 +28,27 @@ def test_propagated_corrections_follow_the_quantized_stream(tiny_model_dir, cali
     assert all(torch.isfinite(t.float()).all() for t in prop1.values())
     leftovers = [p.name for p in (tmp_path / "propagated" / "bcos").iterdir() if p.name.startswith("activations")]
     assert leftovers == []
+
+
+def test_a_damaged_propagated_layer_is_redone_through_the_recorded_corrections(tiny_model_dir, calib_text, tmp_path):
+    """Rerunning repairs a finished `--propagate` run: layer 1's input is recomputed through layer 0 with
+    layer 0's recorded corrections installed, so the redone shard has an uninterrupted run's bytes."""
+    import json
+
+    run = tmp_path / "run"
+    invoke("calibrate", "--model", tiny_model_dir("qwen2_moe"), "--data", calib_text, "--samples", 8,
+           "--seqlen", 32, "--run", run)
+    invoke("klt-svd", "--run", run, "--rank", 2)
+    invoke("vq", "--run", run, "--iters", 3)
+    invoke("bcos", "--run", run, "--propagate")
+    manifest = run / "bcos" / "manifest.json"
+    before = json.loads(manifest.read_text())["units"]
+    shard = run / "bcos" / "layer_001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01
+    shard.write_bytes(bytes(data))
+    output = invoke("bcos", "--run", run, "--propagate").output
+    assert "layers 0-0 (1 layer(s)) run again" in " ".join(output.split())
+    after = json.loads(manifest.read_text())
+    assert after["complete"] and after["units"] == before
+    assert [p.name for p in (run / "bcos").iterdir() if p.name.startswith("activations")] == []

@@ -80,7 +80,7 @@ def test_changed_recipe_under_existing_run_is_refused(tiny_model_dir, calib_text
     args = ["calibrate", "--model", tiny_model_dir("olmoe"), "--data", calib_text, "--seqlen", 32,
             "--run", tmp_path / "run"]
     assert run_cli(*args, "--samples", 4).exit_code == 0
-    assert_one_line_error(run_cli(*args, "--samples", 5), "config.samples: 4 -> 5")
+    assert_one_line_error(run_cli(*args, "--samples", 5), "made with other settings (samples: 4 -> 5); pass --restart")
     result = run_cli(*args, "--samples", 5, "--restart")
     assert result.exit_code == 0, result.output
 

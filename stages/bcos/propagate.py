@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kbvq_cli.activations import commit_layer, resume_activations
+from kbvq_cli.activations import commit_layer, plan_layers
 from kbvq_cli.console import progress_bar
 from kbvq_cli.corrected_experts import CorrectedExperts, corrected_linear, fold
 from kbvq_cli.experts import PROJECTIONS, SHARED, LayerExperts, layer_experts, routed_tokens
@@ -119,29 +119,43 @@ def run_stream(streamer: LayerStreamer, layer, index: int, hidden, batch_size: i
 
 
 def run_propagated(stage_dir, source, calibration, klt, codes, settings, device) -> None:
-    """The layer loop of `--propagate`, resumable: activations are committed with each layer."""
+    """The layer loop of `--propagate`, resumable: activations are committed with each layer. A layer whose
+    unit is already there (before one a resume must redo) is run with its recorded corrections installed,
+    so the stream it passes on is the one an uninterrupted run saw."""
     streamer = LayerStreamer(source, device)
     moe_layers = set(klt.layers())
-    start, hidden = resume_activations(stage_dir, lambda: streamer.embed(calibration.tokens()))
-    batch_size = 1
+    todo = [index for index in sorted(moe_layers) if not stage_dir.has_unit(layer_unit(index))]
+    plan = plan_layers(stage_dir, todo, lambda: streamer.embed(calibration.tokens()))
+    if plan is None:
+        return
+    hidden, batch_size = plan.hidden, 1
     with progress_bar() as progress:
-        task = progress.add_task("bcos --propagate layers", total=source.num_layers, completed=start)
-        for index in range(start, source.num_layers):
+        task = progress.add_task("bcos --propagate layers", total=plan.stop - plan.start)
+        for index in range(plan.start, plan.stop):
             layer = streamer.build_layer(index)
             unit = None
             if index in moe_layers:
                 experts = layer_experts(source, index, torch.float32, device)
                 quantized = codes.quantized_layer(experts, klt, index, device)
-                x, routing = capture_block_inputs(streamer, layer, index, hidden, batch_size, device)
-                act_fns = {"routed": module_at(layer, source.adapter.experts).act_fn}
-                if experts.shared:
-                    act_fns[SHARED] = module_at(layer, experts.shared_path).act_fn
-                corrections, starved = layer_corrections(experts, quantized, calibration.layer(index, device), x,
-                                                         routing, act_fns, settings)
+                if index in plan.todo:
+                    corrections, unit = _correct_layer(streamer, layer, index, hidden, experts, quantized,
+                                                       calibration, settings, device)
+                else:
+                    corrections = BcosLayerUnit.from_tensors(stage_dir.read_unit(layer_unit(index), device))
                 install_corrections(layer, source.adapter, experts, quantized, corrections)
-                unit = (layer_unit(index), corrections.to_tensors(),
-                        BcosLayerMeta(index, starved, 0, None, None).to_json())
-            last = index + 1 == source.num_layers
+            last = plan.is_last(index)
             hidden = hidden if last else run_stream(streamer, layer, index, hidden, batch_size, device)
             commit_layer(stage_dir, index, unit, None if last else hidden, {})
             progress.advance(task)
+
+
+def _correct_layer(streamer, layer, index, hidden, experts, quantized, calibration, settings, device):
+    """One MoE layer's corrections from the quantized stream: (corrections, the unit to commit)."""
+    x, routing = capture_block_inputs(streamer, layer, index, hidden, 1, device)
+    act_fns = {"routed": module_at(layer, streamer.adapter.experts).act_fn}
+    if experts.shared:
+        act_fns[SHARED] = module_at(layer, experts.shared_path).act_fn
+    corrections, starved = layer_corrections(experts, quantized, calibration.layer(index, device), x, routing,
+                                             act_fns, settings)
+    unit = (layer_unit(index), corrections.to_tensors(), BcosLayerMeta(index, starved, 0, None, None).to_json())
+    return corrections, unit

@@ -5,6 +5,10 @@ Directory `RUN/calibrate/`:
 - `layer_NNN.safetensors`: one shard per decoder layer (see `LayerStatsCollector.tensors`);
 - `activations_NNN.safetensors` while running: the input of layer NNN, committed with layer NNN-1's
   shard, so a killed run resumes at the layer where it stopped with bit-identical results.
+
+Rerunning `kbvq calibrate` repairs a calibration: its resume hashes every file, and a corrupt or
+missing layer shard, tokens file or activations checkpoint is redone (from the embeddings of the
+stored tokens when no checkpoint before it survives), giving the bytes of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from kbvq_cli.activations import commit_layer, resume_activations
-from kbvq_cli.console import info, progress_bar, warn
+from kbvq_cli.activations import commit_layer, plan_layers
+from kbvq_cli.console import progress_bar, warn
 from kbvq_cli.data import data_fingerprint, load_documents, sample_sequences
 from kbvq_cli.hashing import sha256_bytes
 from kbvq_cli.model_files import ModelSource
@@ -52,32 +56,44 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
 
 
 def _calibrate_layers(stage: StageRun, source: ModelSource, settings: CalibrateSettings, tokens, device) -> dict:
+    """Record every layer whose shard is missing: a fresh run's all, a killed run's rest, or those a
+    resume found corrupt. Present layers before a missing one are run forward only (`plan_layers`)."""
     stage_dir = stage.dir
     streamer = LayerStreamer(source, device)
-    start, hidden = resume_activations(stage_dir, lambda: streamer.embed(tokens))
-    if start:
-        info(f"calibrate: resuming at layer {start} of {source.num_layers}")
+    todo = [index for index in range(source.num_layers) if not stage_dir.has_unit(layer_unit(index))]
+    plan = plan_layers(stage_dir, todo, lambda: streamer.embed(tokens))
     starved = dict(stage_dir.manifest["state"].get("starved", {}))
-    dtype = getattr(torch, settings.moments_dtype)
+    if plan is None:  # every shard is there (e.g. killed between the last shard and the final commit)
+        return _finish(stage, source, starved, 0)
+    hidden = plan.hidden
     with progress_bar() as progress:
-        task = progress.add_task("calibrate layers", total=source.num_layers, completed=start)
-        for index in range(start, source.num_layers):
+        task = progress.add_task("calibrate layers", total=plan.stop - plan.start)
+        for index in range(plan.start, plan.stop):
             layer = streamer.build_layer(index)
-            collector = LayerStatsCollector(layer, source.adapter, source.num_experts, settings.expert_second_moments)
-            try:
+            unit = None
+            if index in plan.todo:
+                hidden, unit, starved_here = _record_layer(streamer, layer, index, hidden, source, settings, device)
+                starved.pop(str(index), None)
+                if starved_here:
+                    starved[str(index)] = starved_here
+            else:
                 hidden = _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)
-            finally:
-                collector.close()
-            starved_here = collector.starved_experts(settings.min_expert_tokens)
-            if starved_here:
-                starved[str(index)] = starved_here
-            stats = collector.release_tensors(dtype)
-            unit = (layer_unit(index), stats, collector.metadata(index).to_json())
-            last = index + 1 == source.num_layers  # the last layer's output is not needed by anything
-            commit_layer(stage_dir, index, unit, None if last else hidden, {"starved": starved})
-            del layer, collector
+            commit_layer(stage_dir, index, unit, None if plan.is_last(index) else hidden, {"starved": starved})
+            del layer
             progress.advance(task)
-    return _finish(stage, source, starved, start)
+    return _finish(stage, source, starved, len(todo))
+
+
+def _record_layer(streamer, layer, index: int, hidden, source: ModelSource, settings: CalibrateSettings, device):
+    """Run one layer with the statistics hooks: (its output, its unit, its starved experts)."""
+    collector = LayerStatsCollector(layer, source.adapter, source.num_experts, settings.expert_second_moments)
+    try:
+        hidden = _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)
+    finally:
+        collector.close()
+    starved_here = collector.starved_experts(settings.min_expert_tokens)
+    stats = collector.release_tensors(getattr(torch, settings.moments_dtype))
+    return hidden, (layer_unit(index), stats, collector.metadata(index).to_json()), starved_here
 
 
 @torch.no_grad()
@@ -92,9 +108,8 @@ def _forward_layer(streamer, layer, index, hidden, batch_size, device) -> torch.
     return output
 
 
-def _finish(stage: StageRun, source: ModelSource, starved: dict, start: int) -> dict:
+def _finish(stage: StageRun, source: ModelSource, starved: dict, layers_done: int) -> dict:
     stage_dir, seconds = stage.dir, stage.seconds
-    layers_done = source.num_layers - start
     total_bytes = sum(record["bytes"] for record in stage_dir.manifest["units"].values())
     summary = {
         "layers": source.num_layers,
