@@ -37,6 +37,7 @@ from typing import Iterator
 from kbvq_cli.errors import KbvqError
 
 LOCK_NAME = ".kbvq.lock"
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 COMMAND_LINE: str | None = None  # set by kbvq_cli.app.main: the `kbvq ...` command this process runs
 
 
@@ -61,7 +62,16 @@ def run_lock(run_dir: Path, command: str | None = None) -> Iterator[None]:
         finally:
             _held[key].depth -= 1
         return
-    _held[key] = _acquire(Path(run_dir), command or current_command())
+    try:
+        held = _acquire(Path(run_dir), command or current_command())
+    except OSError as error:
+        if error.errno not in READ_ONLY or not Path(run_dir).is_dir():
+            raise
+        # A run on a read-only disk can have no writer to exclude: verifying, skipping and reading a
+        # finished run go ahead unlocked, and any write the command then needs fails on its own, in one line.
+        yield
+        return
+    _held[key] = held
     try:
         yield
     finally:

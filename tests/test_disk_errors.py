@@ -102,15 +102,20 @@ def test_a_read_only_stage_directory_is_one_line(mounts, tiny_model_dir, calib_t
     assert not (run / ".kbvq.lock").exists()
 
 
-def test_a_read_only_run_directory_is_one_line_and_unchanged(mounts, tmp_path):
+def test_a_read_only_run_directory_is_one_line_and_unchanged(mounts, tmp_path, tiny_model_dir, calib_text):
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text("model: some/model\n")
     mounts("--bind", str(run), str(run))
     mounts("-o", "remount,ro,bind", str(run))
+    # Nothing to write yet: the read-only run is no obstacle to saying what is missing.
     message = one_line_error(runner.invoke(app, ["vq", "--run", str(run)]))
-    assert message == (f"error: cannot write {run / '.kbvq.lock'}: read-only file system; remount it "
-                       f"read-write or pass a --run directory on a writable disk (finished shards are kept)")
+    assert message.startswith("error: stage ") and f"has not been run in {run}" in message, message
+    # A command that must write says the disk is read-only, in one line.
+    message = one_line_error(runner.invoke(app, ["calibrate", "--model", str(tiny_model_dir("olmoe")), "--data",
+                                                 str(calib_text), "--samples", "4", "--seqlen", "32",
+                                                 "--run", str(run)]))
+    assert "read-only file system; remount it read-write or pass a --run directory on a writable disk" in message
     assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml"]
 
 
