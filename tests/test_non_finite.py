@@ -56,14 +56,18 @@ def test_calibrate_refuses_a_nan_weight_naming_tensor_and_file(name, numel, clea
         f"checkpoint is damaged: re-download it, or re-save it from finite weights")
 
 
-def test_klt_svd_names_the_nan_weight_not_a_float16_overflow(clean_model, calib_text, tmp_path):
+def test_weights_damaged_after_calibration_are_refused_not_taken_for_a_float16_overflow(clean_model, calib_text,
+                                                                                         tmp_path):
+    """The old code went on to klt-svd's "overflows float16 ... use --rank 0". Now the lineage check sees
+    that the model's files are no longer those calibrate read, before any weight is used."""
     model = shutil.copytree(clean_model, tmp_path / "model")
     run = tmp_path / "run"
     assert calibrate(model, calib_text, run).exit_code == 0
     edited_copy(clean_model, tmp_path / "damaged", set_nan(UP))
     shutil.copyfile(tmp_path / "damaged" / "model.safetensors", model / "model.safetensors")
     message = last_line_error(runner.invoke(app, ["klt-svd", "--run", str(run), "--rank", "2", "--device", "cpu"]))
-    assert message.startswith(f"error: tensor {UP} in {model / 'model.safetensors'} holds 1 NaN/inf value(s)")
+    assert f"{run} was calibrated on" in message and "whose files differ (model.safetensors)" in message, message
+    assert "float16" not in message
 
 
 def test_overflowing_activations_are_refused_by_the_calibration_reader(clean_model, calib_text, tmp_path):
