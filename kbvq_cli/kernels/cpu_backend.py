@@ -24,11 +24,12 @@ import torch
 
 from kbvq_cli.hashing import cache_dir
 from kbvq_cli.kernels import torch_backend
-from kbvq_cli.kernels.common import Segment, code_bytes, use_lut
+from kbvq_cli.kernels.common import Segment, code_bytes
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-# Rows per expert up to which the compiled LUT GEMV beats dequantize + MKL matmul (benchmarks/bench_kernels.py).
+# Rows per expert up to which the compiled decode kernel beats dequantizing a tile + MKL matmul: at
+# 1408x2048, 16 rows take 3.1 against 4.3 ms, 24 rows 5.4 against 5.3 ms (docs/kernels.md).
 DECODE_MAX_ROWS = 16
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -133,15 +134,16 @@ def dequantize_tile(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tens
 
 
 def decode_segments(x: torch.Tensor, segments: list[Segment], indices: torch.Tensor, codebook: torch.Tensor,
-                    out: torch.Tensor, lut: bool | None = None) -> None:
+                    out: torch.Tensor, lut: bool = False) -> None:
     """Write `out[start:end] = x[start:end] @ dequant(indices[e], codebook[e])^T` for every segment, in one call.
 
     x [N, ic] float32 contiguous, indices [n, oc, J] contiguous, codebook [n, K, d], out [N, oc] float32.
-    `lut` forces the lookup table on or off; by default `use_lut(K, oc)` decides.
+    Each code's codebook row is multiplied with its group of x, up to 8 tokens sharing each load. `lut=True`
+    sends single tokens through the lookup-table GEMV instead, which measures slower on AVX2 (0.55 against
+    0.30 ms for a 1408x2048 expert, docs/kernels.md) and so is off by default.
     """
     _, oc, _ = indices.shape
     num_codes, d = codebook.shape[1:]
-    lut = use_lut(num_codes, oc) if lut is None else lut
     experts = torch.tensor([expert for expert, _, _ in segments], dtype=torch.int64)
     bounds = torch.tensor([[start, end] for _, start, end in segments], dtype=torch.int64)
     codebooks = codebook[experts].float().contiguous()  # only the experts that have rows

@@ -8,176 +8,218 @@
 //   seg_expert [S] int64      the expert of each segment
 //   codebooks  [S, K, d]      the codebook of each segment's expert, already float32
 //   out        [N, oc]
+// Decode never forms a weight matrix: per code it either reads the codebook row (d floats, from L1 for
+// K=256) and multiplies it with x's group, or, with a lookup table, adds a precomputed x-group . code dot.
 // OpenMP resolves to the libgomp torch has already loaded, so both share one thread pool.
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kMaxChunk = 8;   // tokens handled together: 8 floats fill one AVX register
-constexpr int64_t kLutJBlock = 16;  // LUT rows built per work item
+constexpr int64_t kMaxChunk = 8;    // tokens of one expert handled together
+constexpr int64_t kLutJBlock = 16;  // table rows built per work item
 constexpr int64_t kOutBlock = 64;   // output rows per work item
 
-// Up to kMaxChunk rows of one segment. xt is the chunk transposed ([ic][tc], zero-padded), so that the
-// tc tokens of one input element sit side by side and the inner loops run over them with SIMD.
-struct Chunk {
-  int64_t segment, row0, rows, tc;
-  std::vector<float> xt, lut;
-};
+template <int64_t V>
+using Const = std::integral_constant<int64_t, V>;
 
-template <typename Code>
-const Code* expert_codes(const void* codes, int64_t expert, int64_t oc, int64_t J) {
-  return static_cast<const Code*>(codes) + expert * oc * J;
+template <int64_t N>
+struct VecOf {  // N floats as one SIMD value: GCC/Clang vector extension, no intrinsics, any target
+  typedef float type __attribute__((vector_size(N * sizeof(float))));
+};
+template <int64_t N>
+using Vec = typename VecOf<N>::type;  // (an alias template straight to the attribute drops it in GCC)
+
+template <int64_t N>
+inline Vec<N> load(const float* p) {
+  Vec<N> v;
+  memcpy(&v, p, sizeof(v));  // an unaligned vector load
+  return v;
 }
 
-// lut[(j * K + c) * TC + t] = x[t, j*d : (j+1)*d] . codebook[c], for j in [j0, j1).
-template <int64_t TC>
-void build_lut(const Chunk& ch, const float* cb, int64_t K, int64_t d, int64_t j0, int64_t j1, float* lut) {
-  for (int64_t j = j0; j < j1; ++j) {
-    for (int64_t c = 0; c < K; ++c) {
-      float acc[TC] = {0};
-      for (int64_t i = 0; i < d; ++i) {
-        const float w = cb[c * d + i];
-        const float* xv = ch.xt.data() + (j * d + i) * TC;
-        for (int64_t t = 0; t < TC; ++t) acc[t] += w * xv[t];
-      }
-      std::copy(acc, acc + TC, lut + (j * K + c) * TC);
-    }
+struct Chunk {  // rows row0 .. row0+rows of one segment, handled as tc (1, 2, 4 or 8) tokens
+  int64_t segment, row0, rows, tc;
+};
+
+// Per calling thread, grown and never shrunk: fresh buffers would cost page faults on every call.
+float* scratch(size_t floats) {
+  static thread_local std::vector<float> arena;
+  if (arena.size() < floats) arena.resize(floats);
+  return arena.data();
+}
+
+// y[o] = sum_j codebook[code[o, j]] . x[j*D : (j+1)*D] for one token: one D-wide multiply-add per code, in
+// four independent chains.
+template <typename Code, int64_t D>
+void gather_one(const float* x, const Code* codes, const float* cb, int64_t J, int64_t o0, int64_t o1,
+                float* out) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const Code* row = codes + o * J;
+    Vec<D> acc[4] = {};
+    int64_t j = 0;
+    for (; j + 4 <= J; j += 4)
+      for (int64_t q = 0; q < 4; ++q)
+        acc[q] += load<D>(cb + static_cast<int64_t>(row[j + q]) * D) * load<D>(x + (j + q) * D);
+    for (; j < J; ++j) acc[0] += load<D>(cb + static_cast<int64_t>(row[j]) * D) * load<D>(x + j * D);
+    const Vec<D> sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float total = 0.f;
+    for (int64_t i = 0; i < D; ++i) total += sum[i];
+    out[o] = total;
   }
 }
 
-// One token: the codebook is read transposed ([d][K]) so that the loop over codes is contiguous.
-void build_lut_1(const Chunk& ch, const float* cb_t, int64_t K, int64_t d, int64_t j0, int64_t j1, float* lut) {
+// The same for TC tokens (x_rows[t] is token t's row): each codebook row is loaded once for all of them.
+// The loop over j is blocked so that the slices of x it reads (16 KiB) stay in L1 across the output rows.
+template <typename Code, int64_t TC, int64_t D>
+void gather_tokens(const float* const* x_rows, const Code* codes, const float* cb, int64_t J, int64_t oc,
+                   int64_t o0, int64_t o1, int64_t rows, float* out) {
+  constexpr int64_t kJBlock = 4096 / (D * TC), kChains = TC >= 4 ? 1 : 4 / TC;
+  float partial[kOutBlock][TC] = {};
+  for (int64_t j0 = 0; j0 < J; j0 += kJBlock) {
+    const int64_t j1 = std::min(J, j0 + kJBlock);
+    for (int64_t o = o0; o < o1; ++o) {
+      const Code* row = codes + o * J;
+      Vec<D> acc[kChains][TC] = {};
+      auto step = [&](int64_t j, Vec<D>(&a)[TC]) {
+        const Vec<D> w = load<D>(cb + static_cast<int64_t>(row[j]) * D);
+        for (int64_t t = 0; t < TC; ++t) a[t] += w * load<D>(x_rows[t] + j * D);
+      };
+      int64_t j = j0;
+      for (; j + kChains <= j1; j += kChains)
+        for (int64_t q = 0; q < kChains; ++q) step(j + q, acc[q]);
+      for (; j < j1; ++j) step(j, acc[0]);
+      for (int64_t q = 0; q < kChains; ++q)
+        for (int64_t t = 0; t < TC; ++t)
+          for (int64_t i = 0; i < D; ++i) partial[o - o0][t] += acc[q][t][i];
+    }
+  }
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t t = 0; t < rows; ++t) out[t * oc + o] = partial[o - o0][t];
+}
+
+// Any d other than 2, 4, 8, plainly: correct, not tuned.
+template <typename Code>
+void gather_any(const float* const* x_rows, const Code* codes, const float* cb, int64_t J, int64_t d, int64_t oc,
+                int64_t o0, int64_t o1, int64_t rows, float* out) {
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t t = 0; t < rows; ++t) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t i = 0; i < d; ++i) acc += cb[codes[o * J + j] * d + i] * x_rows[t][j * d + i];
+      out[t * oc + o] = acc;
+    }
+}
+
+// The lookup-table GEMV for one token: lut[j * K + c] = x[j*d : (j+1)*d] . codebook[c] (cb_t is the
+// codebook transposed, [d][K], so the loop over codes is contiguous), then y[o] = sum_j lut[j, code[o, j]].
+void build_lut(const float* x, const float* cb_t, int64_t K, int64_t d, int64_t j0, int64_t j1, float* lut) {
   for (int64_t j = j0; j < j1; ++j) {
     float* row = lut + j * K;
     std::fill(row, row + K, 0.f);
     for (int64_t i = 0; i < d; ++i) {
-      const float xv = ch.xt[j * d + i];
+      const float xv = x[j * d + i];
       const float* cbi = cb_t + i * K;
       for (int64_t c = 0; c < K; ++c) row[c] += xv * cbi[c];
     }
   }
 }
 
-// y[t, o] = sum_j lut[j, code[o, j], t]: the gather-add that replaces the GEMV.
-template <typename Code, int64_t TC>
-void gather_lut(const Chunk& ch, const Code* codes, int64_t J, int64_t K, int64_t oc, int64_t o0, int64_t o1,
-                float* out) {
-  const float* lut = ch.lut.data();
+template <typename Code>
+void gather_lut(const float* lut, const Code* codes, int64_t J, int64_t K, int64_t o0, int64_t o1, float* out) {
   for (int64_t o = o0; o < o1; ++o) {
     const Code* row = codes + o * J;
-    float acc[TC] = {0};
-    if (TC == 1) {  // four chains hide the load latency of a single token's sum
-      float a1 = 0.f, a2 = 0.f, a3 = 0.f;
-      int64_t j = 0;
-      for (; j + 4 <= J; j += 4) {
-        acc[0] += lut[j * K + row[j]];
-        a1 += lut[(j + 1) * K + row[j + 1]];
-        a2 += lut[(j + 2) * K + row[j + 2]];
-        a3 += lut[(j + 3) * K + row[j + 3]];
-      }
-      for (; j < J; ++j) acc[0] += lut[j * K + row[j]];
-      acc[0] += (a1 + a2) + a3;
-    } else {
-      for (int64_t j = 0; j < J; ++j) {
-        const float* entry = lut + (j * K + row[j]) * TC;
-        for (int64_t t = 0; t < TC; ++t) acc[t] += entry[t];
-      }
-    }
-    for (int64_t t = 0; t < ch.rows; ++t) out[(ch.row0 + t) * oc + o] = acc[t];
+    float acc[4] = {};  // four chains, so the adds do not wait on each other
+    int64_t j = 0;
+    for (; j + 4 <= J; j += 4)
+      for (int64_t q = 0; q < 4; ++q) acc[q] += lut[(j + q) * K + row[j + q]];
+    for (; j < J; ++j) acc[0] += lut[j * K + row[j]];
+    out[o] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
 }
 
-// Without a LUT (codebooks too large for one): y[t, o] = sum_j codebook[code[o, j]] . x[t, j*d : (j+1)*d].
-template <typename Code, int64_t TC>
-void gather_codebook(const Chunk& ch, const Code* codes, const float* cb, int64_t J, int64_t d, int64_t oc,
-                     int64_t o0, int64_t o1, float* out) {
-  for (int64_t o = o0; o < o1; ++o) {
-    const Code* row = codes + o * J;
-    float acc[TC] = {0};
-    for (int64_t j = 0; j < J; ++j) {
-      const float* w = cb + static_cast<int64_t>(row[j]) * d;
-      const float* xv = ch.xt.data() + j * d * TC;
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t t = 0; t < TC; ++t) acc[t] += w[i] * xv[i * TC + t];
-    }
-    for (int64_t t = 0; t < ch.rows; ++t) out[(ch.row0 + t) * oc + o] = acc[t];
+template <typename F>
+void with_tc(int64_t tc, F&& f) {
+  switch (tc) {
+    case 1: f(Const<1>{}); break;
+    case 2: f(Const<2>{}); break;
+    case 4: f(Const<4>{}); break;
+    default: f(Const<8>{}); break;
   }
 }
 
-std::vector<Chunk> make_chunks(const float* x, const int64_t* seg_bounds, int64_t S, int64_t ic) {
+template <typename F>
+void with_d(int64_t d, F&& f) {  // the usual vector lengths at compile time, others at run time (Const<0>)
+  switch (d) {
+    case 2: f(Const<2>{}); break;
+    case 4: f(Const<4>{}); break;
+    case 8: f(Const<8>{}); break;
+    default: f(Const<0>{}); break;
+  }
+}
+
+std::vector<Chunk> make_chunks(const int64_t* seg_bounds, int64_t S) {
   std::vector<Chunk> chunks;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t end = seg_bounds[2 * s + 1];
     for (int64_t r = seg_bounds[2 * s]; r < end; r += kMaxChunk) {
       const int64_t rows = std::min(kMaxChunk, end - r);
-      const int64_t tc = rows == 1 ? 1 : rows == 2 ? 2 : rows <= 4 ? 4 : 8;
-      Chunk ch{s, r, rows, tc, std::vector<float>(ic * tc, 0.f), {}};
-      for (int64_t t = 0; t < rows; ++t)
-        for (int64_t k = 0; k < ic; ++k) ch.xt[k * tc + t] = x[(r + t) * ic + k];
-      chunks.push_back(std::move(ch));
+      chunks.push_back({s, r, rows, rows == 1 ? 1 : rows == 2 ? 2 : rows <= 4 ? 4 : 8});
     }
   }
   return chunks;
 }
 
-void build_luts(std::vector<Chunk>& chunks, const float* codebooks, int64_t K, int64_t d, int64_t J,
-                int64_t threads) {
-  for (auto& ch : chunks) ch.lut.resize(J * K * ch.tc);
-  std::vector<std::vector<float>> cb_t(chunks.size());  // transposed codebooks for single-token chunks
-  for (size_t q = 0; q < chunks.size(); ++q) {
-    if (chunks[q].tc != 1) continue;
-    const float* cb = codebooks + chunks[q].segment * K * d;
-    cb_t[q].resize(K * d);
-    for (int64_t c = 0; c < K; ++c)
-      for (int64_t i = 0; i < d; ++i) cb_t[q][i * K + c] = cb[c * d + i];
-  }
-  const int64_t blocks = (J + kLutJBlock - 1) / kLutJBlock;
-  const int64_t items = static_cast<int64_t>(chunks.size()) * blocks;
-#pragma omp parallel for schedule(dynamic) num_threads(threads)
-  for (int64_t item = 0; item < items; ++item) {
-    Chunk& ch = chunks[item / blocks];
-    const int64_t j0 = (item % blocks) * kLutJBlock, j1 = std::min(J, j0 + kLutJBlock);
-    const float* cb = codebooks + ch.segment * K * d;
-    switch (ch.tc) {
-      case 1: build_lut_1(ch, cb_t[item / blocks].data(), K, d, j0, j1, ch.lut.data()); break;
-      case 2: build_lut<2>(ch, cb, K, d, j0, j1, ch.lut.data()); break;
-      case 4: build_lut<4>(ch, cb, K, d, j0, j1, ch.lut.data()); break;
-      default: build_lut<8>(ch, cb, K, d, j0, j1, ch.lut.data()); break;
-    }
-  }
+// One block of output rows of one chunk, without a table.
+template <typename Code>
+void gather_block(const Chunk& ch, const float* x, int64_t ic, const Code* codes, const float* cb, int64_t d,
+                  int64_t oc, int64_t o0, int64_t o1, float* out) {
+  const int64_t J = ic / d;
+  const float* x_rows[kMaxChunk];
+  for (int64_t t = 0; t < kMaxChunk; ++t)  // padding tokens repeat the last row; their sums are dropped
+    x_rows[t] = x + (ch.row0 + std::min(t, ch.rows - 1)) * ic;
+  float* y = out + ch.row0 * oc;
+  with_tc(ch.tc, [&](auto tc) { with_d(d, [&](auto dc) {
+    constexpr int64_t TC = decltype(tc)::value, D = decltype(dc)::value;
+    if constexpr (D == 0) gather_any<Code>(x_rows, codes, cb, J, d, oc, o0, o1, ch.rows, y);
+    else if constexpr (TC == 1) gather_one<Code, D>(x_rows[0], codes, cb, J, o0, o1, y);
+    else gather_tokens<Code, TC, D>(x_rows, codes, cb, J, oc, o0, o1, ch.rows, y);
+  }); });
 }
 
-template <typename Code, int64_t TC>
-void run_block(const Chunk& ch, const Code* codes, const float* cb, int64_t J, int64_t K, int64_t d, int64_t oc,
-               int64_t o0, int64_t o1, bool use_lut, float* out) {
-  if (use_lut) gather_lut<Code, TC>(ch, codes, J, K, oc, o0, o1, out);
-  else gather_codebook<Code, TC>(ch, codes, cb, J, d, oc, o0, o1, out);
-}
-
+// Chunks run one after another, each spread over all threads, so a table stays in cache between being built
+// and being read. use_lut: single-token chunks go through the table (slower than gather_one on AVX2, see
+// docs/kernels.md, so the Python side leaves it off by default).
 template <typename Code>
 void decode(const float* x, const int64_t* seg_bounds, int64_t S, const void* codes, const int64_t* seg_expert,
             const float* codebooks, int64_t oc, int64_t ic, int64_t K, int64_t d, bool use_lut, int64_t threads,
             float* out) {
-  const int64_t J = ic / d;
-  std::vector<Chunk> chunks = make_chunks(x, seg_bounds, S, ic);
-  if (use_lut) build_luts(chunks, codebooks, K, d, J, threads);
-  const int64_t blocks = (oc + kOutBlock - 1) / kOutBlock;
-  const int64_t items = static_cast<int64_t>(chunks.size()) * blocks;
-#pragma omp parallel for schedule(dynamic) num_threads(threads)
-  for (int64_t item = 0; item < items; ++item) {
-    const Chunk& ch = chunks[item / blocks];
-    const int64_t o0 = (item % blocks) * kOutBlock, o1 = std::min(oc, o0 + kOutBlock);
-    const Code* expert = expert_codes<Code>(codes, seg_expert[ch.segment], oc, J);
+  const int64_t J = ic / d, lut_blocks = (J + kLutJBlock - 1) / kLutJBlock, out_blocks = (oc + kOutBlock - 1) / kOutBlock;
+  const std::vector<Chunk> chunks = make_chunks(seg_bounds, S);
+  float* cb_t = use_lut ? scratch(K * d + J * K) : nullptr;
+  float* lut = use_lut ? cb_t + K * d : nullptr;
+#pragma omp parallel num_threads(threads)
+  for (const Chunk& ch : chunks) {
     const float* cb = codebooks + ch.segment * K * d;
-    switch (ch.tc) {
-      case 1: run_block<Code, 1>(ch, expert, cb, J, K, d, oc, o0, o1, use_lut, out); break;
-      case 2: run_block<Code, 2>(ch, expert, cb, J, K, d, oc, o0, o1, use_lut, out); break;
-      case 4: run_block<Code, 4>(ch, expert, cb, J, K, d, oc, o0, o1, use_lut, out); break;
-      default: run_block<Code, 8>(ch, expert, cb, J, K, d, oc, o0, o1, use_lut, out); break;
+    const Code* expert = static_cast<const Code*>(codes) + seg_expert[ch.segment] * oc * J;
+    const bool table = use_lut && ch.tc == 1;
+    if (table) {
+#pragma omp single
+      for (int64_t c = 0; c < K; ++c)
+        for (int64_t i = 0; i < d; ++i) cb_t[i * K + c] = cb[c * d + i];
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < lut_blocks; ++b)
+        build_lut(x + ch.row0 * ic, cb_t, K, d, b * kLutJBlock, std::min(J, (b + 1) * kLutJBlock), lut);
+    }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < out_blocks; ++b) {
+      const int64_t o0 = b * kOutBlock, o1 = std::min(oc, o0 + kOutBlock);
+      if (table) gather_lut<Code>(lut, expert, J, K, o0, o1, out + ch.row0 * oc);
+      else gather_block<Code>(ch, x, ic, expert, cb, d, oc, o0, o1, out);
     }
   }
 }
@@ -187,8 +229,10 @@ void dequantize(const Code* codes, int64_t rows, int64_t J, const float* cb, int
                 float* out) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < J; ++j) std::copy(cb + codes[r * J + j] * d, cb + (codes[r * J + j] + 1) * d,
-                                              out + (r * J + j) * d);
+    for (int64_t j = 0; j < J; ++j) {
+      const float* w = cb + static_cast<int64_t>(codes[r * J + j]) * d;
+      std::copy(w, w + d, out + (r * J + j) * d);
+    }
 }
 
 }  // namespace
@@ -196,7 +240,8 @@ void dequantize(const Code* codes, int64_t rows, int64_t J, const float* cb, int
 extern "C" {
 
 // Decode: out[seg rows] = x[seg rows] @ dequant(codes[expert], codebook)^T for every segment.
-// use_lut selects the lookup-table GEMV (small K) or the direct codebook gather (large K). Returns 0.
+// use_lut sends single-token chunks through the lookup-table GEMV; everything else gathers codebook rows.
+// Returns 0.
 int kbvq_decode(const float* x, const int64_t* seg_bounds, int64_t S, const void* codes, int64_t code_bytes,
                 const int64_t* seg_expert, const float* codebooks, int64_t oc, int64_t ic, int64_t K, int64_t d,
                 int64_t use_lut, int64_t threads, float* out) {

@@ -11,9 +11,10 @@ from torch.nn import functional
 
 from kbvq_cli.kernels.common import Segment, codes_long, use_lut
 
-# Up to this many rows per expert the LUT wins in pure torch; from 4 rows on the gather's [rows, oc, J]
-# temporary costs more than dequantizing (measured by benchmarks/bench_kernels.py at Qwen1.5-MoE shapes).
-DECODE_MAX_ROWS = 2
+# Up to this many rows per expert the LUT wins in pure torch: for one row it moves less memory than
+# dequantizing (5.6 against 9.0 ms at 1408x2048 on a loaded machine), from two rows on its [rows, oc, J]
+# gather costs more (12.7 against 4.7 ms). docs/kernels.md has the measurements.
+DECODE_MAX_ROWS = 1
 # Floats in one dequantized prefill tile (4 MiB): small enough for the cache, large enough for matmul.
 TILE_ELEMENTS = 1 << 20
 
