@@ -20,7 +20,7 @@ from kbvq_cli import kernels
 from kbvq_cli.kernels import cpu_backend, torch_backend
 from kbvq_cli.kernels.api import resolve_backend
 from kbvq_cli.kernels.projection import VqParts
-from kbvq_cli.vq_modules import VqExperts, VqProjection
+from kbvq_cli.packed.reference import VqExperts, VqProjection
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["reference", "torch", "cpu", "triton"]
