@@ -24,11 +24,9 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype | s
     `dtype` is the compute dtype of the unquantized weights and activations (default: the original
     checkpoint's); the quantized parts keep their stored 16 bits.
     """
+    import kbvq_cli.packed.quantizer  # noqa: F401  registers kbvq with transformers (if the hook has not yet)
     from transformers import AutoModelForCausalLM
 
-    from kbvq_cli.packed.quantizer import register
-
-    register()
     stage_dir = open_pack(path)  # kbvq's own one-line errors for what is not a finished pack
     # device_map (which needs accelerate) only off the CPU, where it saves a copy through host memory.
     placement = {} if str(device) == "cpu" else {"device_map": str(device)}

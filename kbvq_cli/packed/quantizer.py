@@ -88,3 +88,8 @@ def register() -> None:
     if FORMAT not in AUTO_QUANTIZER_MAPPING:
         register_quantization_config(FORMAT)(KbvqConfig)
         register_quantizer(FORMAT)(KbvqHfQuantizer)
+
+
+# Importing this module registers kbvq, whichever of it and transformers' registry is imported first
+# (kbvq_cli.packed.registration imports it right after the registry).
+register()

@@ -15,12 +15,13 @@ import sys
 import warnings
 
 REGISTRY_MODULE = "transformers.quantizers.auto"
+QUANTIZER_MODULE = "kbvq_cli.packed.quantizer"
 
 
 def _register() -> None:
-    from kbvq_cli.packed.quantizer import register
-
-    register()
+    # Importing the quantizer module registers it. If that module is what is importing transformers'
+    # registry right now, it is in sys.modules half-run, and registers when its import finishes.
+    importlib.import_module(QUANTIZER_MODULE)
 
 
 class _RegisterAfterLoading(importlib.abc.Loader):
