@@ -105,35 +105,56 @@ def decode_tokens_per_second(model, batch: int, new_tokens: int, repeats: int, v
     return batch * (new_tokens - 1) / max(long - short, 1e-9)
 
 
+def import_everything(kind: str, path: str) -> None:
+    """Import what loading and generating will import (the model's modeling code, generation, kbvq's
+    quantizer and compiled kernels), so the RSS measured before loading holds the code, not the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import transformers.generation.utils  # noqa: F401
+
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(config)
+    if kind == "packed":
+        import kbvq_cli.packed.quantizer  # noqa: F401
+        from kbvq_cli.kernels import cpu_backend
+
+        cpu_backend.available()
+
+
 def measure(kind: str, path: str, dtype_name: str, args) -> dict:
     import torch
 
     import kbvq_cli  # noqa: F401  registers the kbvq quantization method
     from transformers import AutoModelForCausalLM
 
+    from kbvq_cli.kernels import resolve_backend
     from kbvq_cli.packed.resident import resident_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, dtype_name)
+    import_everything(kind, path)
     rss_before = rss_bytes()
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     load_seconds = time.perf_counter() - started
+    tensor_bytes = resident_bytes(model)
     vocab = model.config.vocab_size
     prefill = min(args.prefill, model.config.max_position_embeddings)
     ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        model(input_ids=ids[:, :8])  # warm-up: kernels built or loaded, allocator primed
+        model(input_ids=ids[:, :8])  # warm-up: allocator primed, kernels' first call
         prefill_seconds = best_seconds(lambda: model(input_ids=ids, logits_to_keep=1), args.repeats)
         decode = {batch: decode_tokens_per_second(model, batch, args.new_tokens, args.repeats, vocab)
                   for batch in (1, 8)}
-    from kbvq_cli.kernels import resolve_backend
-
     return {"kind": kind, "dtype": dtype_name, "threads": torch.get_num_threads(), "load_s": load_seconds,
             "prefill_tokens": prefill, "prefill_tok_s": prefill / prefill_seconds,
             "decode_b1_tok_s": decode[1], "decode_b8_tok_s": decode[8],
-            "tensor_bytes": resident_bytes(model), "rss_before": rss_before, "rss_after": rss_bytes(),
+            "tensor_bytes": tensor_bytes, "rss_before": rss_before, "rss_after": rss_bytes(),
             "backend": resolve_backend(ids.float()) if kind == "packed" else "-"}
 
 
@@ -199,9 +220,11 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    print("bench-decode: CPU; each model measured in its own process; the qwen15-shape model has random "
-          "weights and codebooks made with 2 Lloyd iterations: its speed and memory are real, its outputs "
-          "meaningless (speed does not depend on the codebooks' quality)")
+    import torch
+
+    print(f"bench-decode: CPU, {args.threads or torch.get_num_threads()} threads; each model measured in its own "
+          "process; the qwen15-shape model has random weights and codebooks made with 2 Lloyd iterations: its "
+          "speed and memory are real, its outputs meaningless (speed does not depend on the codebooks' quality)")
     for name in args.models.split(","):
         original, pack = PREPARE[name](work)
         rows = [measure_in_subprocess(kind, original if kind == "original" else pack, dtype, args)

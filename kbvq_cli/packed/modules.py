@@ -31,6 +31,7 @@ from kbvq_cli.scalar_quant import QuantizedLinear, dequantize
 
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
 VQ_PARTS = ("indices", "codebook", "scale", "shift", "shared_basis", "expert_coeffs")
+DECODE_EXPERTS = 4  # experts whose 12-bit codes are widened at a time on loading
 
 
 class PackedTensors(nn.Module):
@@ -79,7 +80,11 @@ class VqProjection(PackedTensors):
         """Loaded bit-packed indices -> `[n, oc, ic/d]` (or `[oc, ic/d]`) codes in the kernels' dtype."""
         groups = self.in_features // self.codebook.shape[-1]
         packed = self.indices if self.routed else self.indices.unsqueeze(0)
-        codes = unpack_rows(packed, self.width, self.out_features * groups)
+        count = self.out_features * groups
+        if self.width in (8, 16):  # views of the loaded bytes
+            codes = unpack_rows(packed, self.width, count)
+        else:  # decoded a few experts at a time: the int32 temporaries stay small
+            codes = torch.cat([unpack_rows(rows, self.width, count) for rows in packed.split(DECODE_EXPERTS)])
         codes = codes.reshape(-1, self.out_features, groups)
         self.indices = codes if self.routed else codes[0]
 
