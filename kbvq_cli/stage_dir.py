@@ -176,6 +176,16 @@ class StageDir:
             self.manifest["state"].update(state)
         self._commit()
 
+    def record_files(self, names: list[str]) -> None:
+        """Record files other than shards that this directory holds (a pack's config.json, tokenizer, model
+        card), with their sha256, and commit: readers verify them like shards. They are not part of
+        `manifest_hash`: they describe the units, and a model card gains eval results after the fact."""
+        files = self.manifest.setdefault("files", {})
+        for name in names:
+            path = self.path / name
+            files[name] = FileRecord(name, sha256_file(path), path.stat().st_size).to_json()
+        self._commit()
+
     def finish(self, summary: dict) -> None:
         self.manifest["summary"] = summary
         self.manifest["complete"] = True

@@ -1,75 +1,111 @@
-"""Modules of a loaded packed model: expert projections computed from their quantized parts.
+"""The runtime modules of a loaded packed model: expert projections computed by `kbvq_cli.kernels` from the
+parts the pack stores, held in the pack's own compact format.
 
-For each projection: `y = (1 + scale) * (expert_coeffs @ (shared_basis @ x) + dequant(indices, codebook) @ x) + shift`
-(input side; output side `shared_basis^T @ (expert_coeffs @ x)`). `VqExperts` replaces a layer's fused
-routed experts and is called like them (`experts(hidden_states, top_k_index, top_k_weights)`), so the
-model's own router and routing weights are untouched. `VqLinear` replaces one `nn.Linear` of a shared
-expert.
+Every module is created on the meta device with one buffer per stored tensor, under the pack's tensor
+name (`kbvq_cli.packed.layout`) and with its stored dtype and shape, so transformers' loader fills it with
+the shard's tensor as it is: codebooks, bases, coefficients, scales and shifts stay 16-bit whatever the
+compute dtype. `to_resident()` (after loading) turns the bit-packed `indices` into the kernels' layout,
+`[n, oc, ic/d]` uint8 for up to 8-bit codes (a view of the loaded bytes), int16 for 9-16 bits (16: a view);
+RTN/GPTQ codes stay bit-packed and are dequantized one expert at a time when used. No dense copy of an
+expert matrix is kept.
+
+- `VqProjection`: one VQ projection of `n` experts; called directly (n = 1) it is a shared expert's linear.
+- `VqExperts`: a layer's routed experts, called like the fused experts it replaces,
+  `experts(hidden_states, top_k_index, top_k_weights)`, so the model's router is untouched.
+- `ScalarProjection`, `ScalarExperts`: the same for RTN/GPTQ codes, and quantized non-expert linears.
+
+The reference semantics (each expert dequantized whole) are `kbvq_cli.packed.reference`; `KBVQ_KERNELS`
+picks the kernels' backend (`reference` dequantizes whole too).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
+from kbvq_cli.kernels import VqParts, group_by_expert, moe_experts_forward, projection_forward
+from kbvq_cli.packed.bitpack import unpack_rows
 from kbvq_cli.scalar_quant import QuantizedLinear, dequantize
 
+TensorSpec = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
+VQ_PARTS = ("indices", "codebook", "scale", "shift", "shared_basis", "expert_coeffs")
+DECODE_EXPERTS = 4  # experts whose 12-bit codes are widened at a time on loading
 
-class VqProjection(nn.Module):
-    """One projection of `n` experts. indices int32 [n, oc, ic/d], codebook [n, K, d], scale/shift [n, oc]
-    or None, shared_basis [k, ic] (input side) or [k, oc] (output side) or None, expert_coeffs
-    [n, oc, k] / [n, k, ic] or None."""
 
-    def __init__(self, indices, codebook, scale=None, shift=None, shared_basis=None, expert_coeffs=None,
-                 side: str = "input"):
+class PackedTensors(nn.Module):
+    """A module whose buffers are stored tensors: created empty on the meta device from their specs."""
+
+    def __init__(self, specs: dict[str, TensorSpec]):
         super().__init__()
-        self.side = side
-        self.register_buffer("indices", indices)
-        self.register_buffer("codebook", codebook)
-        for name, value in (("scale", scale), ("shift", shift), ("shared_basis", shared_basis),
-                            ("expert_coeffs", expert_coeffs)):
-            self.register_buffer(name, value)
+        for name, (dtype, shape) in specs.items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device="meta"))
 
-    @property
-    def num_experts(self) -> int:
-        return self.indices.shape[0]
+    def part(self, name: str) -> torch.Tensor | None:
+        return self._buffers.get(name)
 
-    def specific_weight(self, expert: int) -> torch.Tensor:
-        """`dequant(indices, codebook)` [oc, ic] of one expert."""
-        indices = self.indices[expert]
-        return nn.functional.embedding(indices, self.codebook[expert]).reshape(indices.shape[0], -1)
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not round float16 codebooks: stored parts follow the device only.
+        stored = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, buffer in stored.items():
+            if self._buffers[name].dtype != buffer.dtype:
+                self._buffers[name] = buffer.to(self._buffers[name].device)
+        return self
 
-    def dense_weight(self, expert: int) -> torch.Tensor:
-        """`(1 + scale)[:, None] * What` [oc, ic]: the plain matrix (the shift has no place in it)."""
-        weight = self.specific_weight(expert)
-        if self.shared_basis is not None:
-            coeffs = self.expert_coeffs[expert]
-            weight = weight + (coeffs @ self.shared_basis if self.side == "input" else self.shared_basis.T @ coeffs)
-        return weight if self.scale is None else weight * (1 + self.scale[expert]).unsqueeze(-1)
 
-    def project_basis(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`shared_basis @ x` for input-side parts ([T, k]); computed once for all experts of a layer."""
-        if self.shared_basis is None or self.side != "input":
-            return None
-        return x @ self.shared_basis.T
+def _with_expert_dim(tensor: torch.Tensor | None, routed: bool) -> torch.Tensor | None:
+    return tensor if tensor is None or routed else tensor.unsqueeze(0)
 
-    def forward(self, x: torch.Tensor, expert: int, projected: torch.Tensor | None = None) -> torch.Tensor:
-        y = x @ self.specific_weight(expert).T
-        if self.shared_basis is not None:
-            if self.side == "input":
-                projected = self.project_basis(x) if projected is None else projected
-                y = y + projected @ self.expert_coeffs[expert].T
-            else:
-                y = y + (x @ self.expert_coeffs[expert].T) @ self.shared_basis
-        if self.scale is not None:
-            y = y * (1 + self.scale[expert])
-        if self.shift is not None:
-            y = y + self.shift[expert]
-        return y
+
+class VqProjection(PackedTensors):
+    """One VQ projection of `n` experts (`routed`) or of one matrix (a shared expert's linear).
+
+    Buffers as stored (routed / single): `indices` uint8 [n, bytes] / [bytes], bit-packed at `width` bits;
+    `codebook` [n, K, d] / [K, d]; optional `scale`, `shift` [n, oc] / [oc]; `shared_basis` [k, ic] (input
+    side) or [k, oc] (output side); `expert_coeffs` [n, oc, k] / [oc, k] (input) or [n, k, ic] / [k, ic]
+    (output). A stacked shared expert's gate/up borrow the routed `shared_basis` (`borrowed_basis`).
+    """
+
+    def __init__(self, specs: dict[str, TensorSpec], shape: tuple[int, int], width: int, side: str,
+                 routed: bool, borrowed_basis: Callable[[], torch.Tensor] | None = None):
+        super().__init__(specs)
+        self.out_features, self.in_features = shape
+        self.width, self.side, self.routed = width, side, routed
+        # A callable, not the routed module: a module attribute would be registered twice in the state dict.
+        self.borrowed_basis = borrowed_basis
+
+    def to_resident(self) -> None:
+        """Loaded bit-packed indices -> `[n, oc, ic/d]` (or `[oc, ic/d]`) codes in the kernels' dtype."""
+        groups = self.in_features // self.codebook.shape[-1]
+        packed = self.indices if self.routed else self.indices.unsqueeze(0)
+        count = self.out_features * groups
+        if self.width in (8, 16):  # views of the loaded bytes
+            codes = unpack_rows(packed, self.width, count)
+        else:  # decoded a few experts at a time: the int32 temporaries stay small
+            codes = torch.cat([unpack_rows(rows, self.width, count) for rows in packed.split(DECODE_EXPERTS)])
+        codes = codes.reshape(-1, self.out_features, groups)
+        self.indices = codes if self.routed else codes[0]
+
+    def parts(self) -> VqParts:
+        """The kernels' view of this projection (expert dim added for a single matrix; no copies)."""
+        basis = self.part("shared_basis")
+        if basis is None and self.borrowed_basis is not None:
+            basis = self.borrowed_basis()
+        expand = lambda name: _with_expert_dim(self.part(name), self.routed)  # noqa: E731
+        coeffs = expand("expert_coeffs")
+        return VqParts(expand("indices"), expand("codebook"), expand("scale"), expand("shift"),
+                       basis if coeffs is not None else None, coeffs, self.side)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """As the `nn.Linear` it replaces (single matrix only): x [..., ic] -> [..., oc] in x's dtype."""
+        flat = x.reshape(-1, x.shape[-1])
+        return projection_forward(flat, self.parts()).reshape(*x.shape[:-1], self.out_features)
 
 
 class VqExperts(nn.Module):
-    """Routed experts of one layer: gate, up and down `VqProjection`s and the model's activation."""
+    """A layer's routed experts: gate, up and down `VqProjection`s of all `num_experts` and the model's act."""
 
     def __init__(self, gate: VqProjection, up: VqProjection, down: VqProjection, act_fn, num_experts: int):
         super().__init__()
@@ -77,61 +113,76 @@ class VqExperts(nn.Module):
         self.act_fn = act_fn
         self.num_experts = num_experts
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        output = torch.zeros_like(hidden_states)
-        gate_basis, up_basis = self.gate.project_basis(hidden_states), self.up.project_basis(hidden_states)
-        for expert in top_k_index.unique().tolist():
-            if expert >= self.num_experts:  # some routers mark dropped slots with index == num_experts
-                continue
-            token_idx, slot = torch.where(top_k_index == expert)
-            x = hidden_states[token_idx]
-            gate = self.gate(x, expert, None if gate_basis is None else gate_basis[token_idx])
-            up = self.up(x, expert, None if up_basis is None else up_basis[token_idx])
-            y = self.down(self.act_fn(gate) * up, expert)
-            output.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(output.dtype))
-        return output
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states [T, H]; top_k_index [T, k] (index == num_experts marks a dropped slot); top_k_weights
+        [T, k] -> [T, H]: token-slots sorted by expert, one kernel call per projection for all experts."""
+        return moe_experts_forward(hidden_states, top_k_index, top_k_weights, self.gate.parts(), self.up.parts(),
+                                   self.down.parts(), self.act_fn)
 
 
-class VqLinear(nn.Module):
-    """An `nn.Linear` replacement computing one matrix from its quantized parts (a shared-expert
-    projection, or a non-expert linear quantized by `kbvq nonexpert`), with the original's bias if any."""
+class ScalarProjection(PackedTensors):
+    """One RTN/GPTQ projection of `n` experts (`routed`) or one matrix, kept bit-packed.
 
-    def __init__(self, projection, in_features: int, out_features: int, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.projection = projection
-        self.in_features, self.out_features = in_features, out_features
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    `names` maps the parts `codes` (uint8 [n, bytes] / [bytes], `bits` each), `qscale` and `qzero` (16-bit
+    [n, oc, G] / [oc, G]) and optional `group_index` (int32 [n, ic] / [ic]) to the buffer names the pack
+    uses here (a non-expert linear's are `weight_codes`, ...). `bias` is a quantized linear's own bias.
+    """
+
+    def __init__(self, specs: dict[str, TensorSpec], names: dict[str, str], shape: tuple[int, int], bits: int,
+                 group_size: int, routed: bool, bias: TensorSpec | None = None):
+        super().__init__(specs)
+        self.names = names
+        self.out_features, self.in_features = shape
+        self.bits, self.group_size, self.routed = bits, group_size, routed
+        if bias is not None:
+            self.bias = nn.Parameter(torch.empty(bias[1], dtype=bias[0], device="meta"), requires_grad=False)
+        else:
+            self.bias = None
+
+    def to_resident(self) -> None:
+        """The codes stay bit-packed: nothing to convert."""
+
+    def _expert(self, name: str, expert: int) -> torch.Tensor | None:
+        tensor = self.part(self.names[name]) if name in self.names else None
+        return tensor[expert] if tensor is not None and self.routed else tensor
+
+    def dense_weight(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        """`(codes - zero) * scale` of one expert (0 for a single matrix): [oc, ic] in `dtype`, made on use."""
+        packed = self._expert("codes", expert)
+        codes = unpack_rows(packed.unsqueeze(0), self.bits, self.out_features * self.in_features)
+        quantized = QuantizedLinear(codes.reshape(self.out_features, self.in_features), self._expert("qscale", expert),
+                                    self._expert("qzero", expert), self.group_size, self._expert("group_index", expert))
+        return dequantize(quantized).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self.projection(x.reshape(-1, shape[-1]), 0).reshape(*shape[:-1], self.out_features)
+        """As the `nn.Linear` it replaces (single matrix only)."""
+        y = x @ self.dense_weight(0, x.dtype).T
         return y if self.bias is None else y + self.bias
 
 
-class ScalarProjection(nn.Module):
-    """One projection of `n` experts quantized by RTN/GPTQ: codes uint8 [n, oc, ic], scale and zero
-    [n, oc, G], group_index int32 [n, ic] or None; W = (codes - zero) * scale per column's group."""
+class ScalarExperts(nn.Module):
+    """A layer's routed experts quantized by RTN/GPTQ: each routed expert's matrices dequantized when used."""
 
-    def __init__(self, codes, scale, zero, group_size: int, group_index=None, dtype=torch.float32):
+    def __init__(self, gate: ScalarProjection, up: ScalarProjection, down: ScalarProjection, act_fn,
+                 num_experts: int):
         super().__init__()
-        self.group_size, self.dtype = group_size, dtype  # scale/zero stay in their stored 16 bits
-        self.register_buffer("codes", codes)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero)
-        self.register_buffer("group_index", group_index)
-        self.shift = None
+        self.gate, self.up, self.down = gate, up, down
+        self.act_fn = act_fn
+        self.num_experts = num_experts
 
-    @property
-    def num_experts(self) -> int:
-        return self.codes.shape[0]
-
-    def dense_weight(self, expert: int) -> torch.Tensor:
-        index = None if self.group_index is None else self.group_index[expert]
-        quantized = QuantizedLinear(self.codes[expert], self.scale[expert], self.zero[expert], self.group_size, index)
-        return dequantize(quantized).to(self.dtype)
-
-    def project_basis(self, x: torch.Tensor) -> None:
-        return None
-
-    def forward(self, x: torch.Tensor, expert: int, projected=None) -> torch.Tensor:
-        return x @ self.dense_weight(expert).T
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        token, slot, offsets = group_by_expert(top_k_index, self.num_experts)
+        bounds, dtype = offsets.tolist(), hidden_states.dtype
+        output = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            rows = slice(bounds[expert], bounds[expert + 1])
+            if rows.start == rows.stop:
+                continue
+            x = hidden_states[token[rows]]
+            gate = x @ self.gate.dense_weight(expert, dtype).T
+            up = x @ self.up.dense_weight(expert, dtype).T
+            y = (self.act_fn(gate) * up) @ self.down.dense_weight(expert, dtype).T
+            output.index_add_(0, token[rows], (y * top_k_weights[token[rows], slot[rows], None]).to(dtype))
+        return output

@@ -21,9 +21,10 @@ STAGE = "eval"
 def model_identity(path: Path, packed: bool) -> dict:
     """What the results belong to: the pack's manifest hash, or the checkpoint's file hashes."""
     if packed:
-        from kbvq_cli.packed.loader import pack_directory
+        from kbvq_cli.packed.integrity import open_pack
+        from stages.eval.reader import packed_identity
 
-        return {"kind": "packed", "pack": pack_directory(path).manifest_hash()}
+        return packed_identity(open_pack(path))  # loading it hashes every file; naming it needs the manifest
     from kbvq_cli.model_files import ModelSource
 
     return {"kind": "original", "fingerprint": hash_json(ModelSource(str(path)).fingerprint())}
@@ -95,11 +96,22 @@ def run(resolved: ResolvedStage, restart: bool = False, model_dir: str | None = 
         model, tokenizer = load_model(path, packed, device)
         _measure(results, identity, settings, todo, model, tokenizer, device)
         info(f"eval: {path} in {time.time() - started:.1f}s")
+        if packed:
+            _refresh_model_card(path, results.path, identity)
     else:
         info(f"eval: reusing the results in {results.path} (same model and settings)")
     summary = summary_of(results, identity, settings, str(path))
     _show(summary, as_json)
     return summary
+
+
+def _refresh_model_card(path: Path, results_path: Path, identity: dict) -> None:
+    """The evaluated pack's README.md, with every result recorded for it."""
+    from kbvq_cli.packed.integrity import open_pack
+    from kbvq_cli.packed.model_card import write_model_card
+    from stages.eval.reader import card_rows
+
+    write_model_card(open_pack(path), card_rows(results_path, identity))
 
 
 def _measure(results: "ResultsFile", identity: dict, settings, todo: dict, model, tokenizer, device) -> None:

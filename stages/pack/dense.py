@@ -18,7 +18,8 @@ from kbvq_cli.console import info, progress_bar, warn
 from kbvq_cli.experts import PROJECTIONS
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.packed.layout import NONEXPERT_PARTS
-from kbvq_cli.packed.loader import build_scalar_projection, layer_projections, pack_directory
+from kbvq_cli.packed.integrity import pack_directory
+from kbvq_cli.packed.reference_loader import build_scalar_projection, layer_projections
 from kbvq_cli.packed.schema import PackedUnitMeta
 from kbvq_cli.packed.storage import category
 from kbvq_cli.stage_run import require_model

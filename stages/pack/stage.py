@@ -3,12 +3,14 @@
 Reads the expert codes of the run's method (kbvq: klt-svd's shared basis and coefficients, vq's
 codebooks and indices, bcos's scale and shift; gptq: the RTN/GPTQ codes), bit-packs the codes, copies
 every weight the recipe does not quantize, and records the storage: measured bytes per part beside the
-docs/method.md §5 formula. The format (tensor names, unit metadata, accounting) is `kbvq_cli.packed`.
+docs/method.md §5 formula. Then the side files that make it a transformers checkpoint (config.json with
+the quantization_config, tokenizer, `model.safetensors.index.json`, the model card), rewritten on every
+`kbvq pack` so an edited or lost one is restored. The format (tensor names, unit metadata, accounting,
+side files) is `kbvq_cli.packed`.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -20,13 +22,17 @@ from kbvq_cli.experts import PROJECTIONS, SHARED
 from kbvq_cli.model_files import ModelSource
 from kbvq_cli.packed.bitpack import pack_indices
 from kbvq_cli.packed.layout import FORMAT, FORMAT_VERSION, NONEXPERT_PARTS, REST_UNIT, routed_prefix, shared_prefix
+from kbvq_cli.packed.model_card import SOURCE_KEY, write_model_card
+from kbvq_cli.packed.side_files import COPIED_FILES, write_side_files
 from kbvq_cli.packed.schema import SCALAR, VQ, PackedLinear, PackedPart, PackedUnitMeta
 from kbvq_cli.packed.storage import StorageTally, finish_storage, print_storage, unit_storage
 from kbvq_cli.recipe import ResolvedStage
 from kbvq_cli.scalar_quant import QuantizedLinear
 from kbvq_cli.stage_run import StageRun, require_model
 from kbvq_cli.units import expert_ids, layer_unit
+from kbvq_cli.stage_dir import StageDir, read_manifest
 from stages.bcos.reader import BcosCorrections
+from stages.eval.reader import run_card_rows
 from stages.gptq.reader import GptqCodes
 from stages.klt_svd.reader import KltSvd
 from stages.nonexpert.reader import NonExpertCodes
@@ -35,8 +41,7 @@ from stages.vq.reader import VqCodes
 
 STAGE = "pack"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = COPIED_FILES  # what `kbvq pack --dense` copies too
 
 
 def run(resolved: ResolvedStage, restart: bool = False, out: str | None = None) -> dict:
@@ -46,11 +51,14 @@ def run(resolved: ResolvedStage, restart: bool = False, out: str | None = None) 
     stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint())
     if not stage.complete:
         nonexpert = NonExpertCodes(resolved.run_dir) if "nonexpert" in stage.upstream else None
+        stage.dir.commit_aux({}, {SOURCE_KEY: resolved.model})
         _pack_all(stage, source, packer, nonexpert, settings)
+    write_side_files(stage.dir, source.path, packer.quantization_config(source),
+                     run_card_rows(resolved.run_dir, stage.dir))
     summary = stage.dir.manifest["summary"]
     print_storage(summary["storage"], stage.dir.path)
     if out:
-        export(stage.dir.path, Path(out))
+        export(stage.dir, Path(out), resolved.run_dir)
     return summary
 
 
@@ -220,7 +228,6 @@ def _pack_all(stage: StageRun, source: ModelSource, packer, nonexpert: NonExpert
             stage_dir.write_unit(REST_UNIT, tensors, PackedUnitMeta(storage=unit_storage(tensors, PackedUnitMeta()))
                                  .to_json())
         progress.advance(task)
-    _write_side_files(stage_dir.path, source, packer.quantization_config(source))
     tally = StorageTally.from_units(stage_dir)
     stage.finish({"seconds": round(stage.seconds, 3), "storage": finish_storage(tally, stage_dir.path, source)})
 
@@ -239,25 +246,17 @@ def _unquantized(source: ModelSource, state: dict, index: int, quantized: bool, 
     return {prefix + name: _convert(tensor, dtype) for name, tensor in state.items() if name not in skip}
 
 
-def _write_side_files(path: Path, source: ModelSource, quantization: dict) -> None:
-    """config.json with the quantization_config, and the tokenizer and generation files, copied."""
-    from kbvq_cli.atomic import atomic_write_json
-
-    config = json.loads((source.path / "config.json").read_text())
-    config["quantization_config"] = quantization
-    atomic_write_json(path / "config.json", config)
-    for name in TOKENIZER_FILES:
-        if (source.path / name).exists():
-            shutil.copyfile(source.path / name, path / name)
-
-
-def export(pack_dir: Path, out: Path) -> None:
-    """Copy a finished pack directory to `out` (a staging directory renamed into place)."""
-    if out.resolve() == pack_dir.resolve():
+def export(stage_dir: StageDir, out: Path, run_dir: Path) -> None:
+    """Copy a finished pack directory to `out` (a staging directory renamed into place). The copy's manifest
+    names the run it came from, so its messages name the command that rewrites it, and its model card the
+    directory it is in."""
+    if out.resolve() == stage_dir.path.resolve():
         return
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(pack_dir, staging)
+    shutil.copytree(stage_dir.path, staging)
+    copy = StageDir(staging, {**read_manifest(staging), "origin": str(Path(run_dir).resolve())})
+    write_model_card(copy, run_card_rows(run_dir, stage_dir), name=str(out))  # commits the manifest too
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

@@ -1,0 +1,265 @@
+// Kernels of the `cpu` backend, built once per machine by kbvq_cli/kernels/cpu_backend.py into a plain shared
+// library (no torch headers: those cost ~45 s of compile, this file ~2 s) and called through ctypes.
+//
+// Layouts (all row-major, float32 unless said):
+//   x          [N, ic]        input rows grouped by segment (a segment is the rows routed to one expert)
+//   seg_bounds [S, 2] int64   segment s owns rows seg_bounds[2s] .. seg_bounds[2s+1] of x and out
+//   codes      [n, oc, J]     uint8 or uint16 (code_bytes 1 or 2), J = ic / d; one expert is oc * J codes
+//   seg_expert [S] int64      the expert of each segment
+//   codebooks  [S, K, d]      the codebook of each segment's expert, already float32
+//   out        [N, oc]
+// Decode never forms a weight matrix: per code it either reads the codebook row (d floats, from L1 for
+// K=256) and multiplies it with x's group, or, with a lookup table, adds a precomputed x-group . code dot.
+// OpenMP resolves to the libgomp torch has already loaded, so both share one thread pool.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxChunk = 8;    // tokens of one expert handled together
+constexpr int64_t kLutJBlock = 16;  // table rows built per work item
+constexpr int64_t kOutBlock = 64;   // output rows per work item
+
+template <int64_t V>
+using Const = std::integral_constant<int64_t, V>;
+
+template <int64_t N>
+struct VecOf {  // N floats as one SIMD value: GCC/Clang vector extension, no intrinsics, any target
+  typedef float type __attribute__((vector_size(N * sizeof(float))));
+};
+template <int64_t N>
+using Vec = typename VecOf<N>::type;  // (an alias template straight to the attribute drops it in GCC)
+
+template <int64_t N>
+inline Vec<N> load(const float* p) {
+  Vec<N> v;
+  memcpy(&v, p, sizeof(v));  // an unaligned vector load
+  return v;
+}
+
+struct Chunk {  // rows row0 .. row0+rows of one segment, handled as tc (1, 2, 4 or 8) tokens
+  int64_t segment, row0, rows, tc;
+};
+
+// Per calling thread, grown and never shrunk: fresh buffers would cost page faults on every call.
+float* scratch(size_t floats) {
+  static thread_local std::vector<float> arena;
+  if (arena.size() < floats) arena.resize(floats);
+  return arena.data();
+}
+
+// y[o] = sum_j codebook[code[o, j]] . x[j*D : (j+1)*D] for one token: one D-wide multiply-add per code, in
+// four independent chains.
+template <typename Code, int64_t D>
+void gather_one(const float* x, const Code* codes, const float* cb, int64_t J, int64_t o0, int64_t o1,
+                float* out) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const Code* row = codes + o * J;
+    Vec<D> acc[4] = {};
+    int64_t j = 0;
+    for (; j + 4 <= J; j += 4)
+      for (int64_t q = 0; q < 4; ++q)
+        acc[q] += load<D>(cb + static_cast<int64_t>(row[j + q]) * D) * load<D>(x + (j + q) * D);
+    for (; j < J; ++j) acc[0] += load<D>(cb + static_cast<int64_t>(row[j]) * D) * load<D>(x + j * D);
+    const Vec<D> sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float total = 0.f;
+    for (int64_t i = 0; i < D; ++i) total += sum[i];
+    out[o] = total;
+  }
+}
+
+// The same for TC tokens (x_rows[t] is token t's row): each codebook row is loaded once for all of them.
+// The loop over j is blocked so that the slices of x it reads (16 KiB) stay in L1 across the output rows.
+template <typename Code, int64_t TC, int64_t D>
+void gather_tokens(const float* const* x_rows, const Code* codes, const float* cb, int64_t J, int64_t oc,
+                   int64_t o0, int64_t o1, int64_t rows, float* out) {
+  constexpr int64_t kJBlock = 4096 / (D * TC), kChains = TC >= 4 ? 1 : 4 / TC;
+  float partial[kOutBlock][TC] = {};
+  for (int64_t j0 = 0; j0 < J; j0 += kJBlock) {
+    const int64_t j1 = std::min(J, j0 + kJBlock);
+    for (int64_t o = o0; o < o1; ++o) {
+      const Code* row = codes + o * J;
+      Vec<D> acc[kChains][TC] = {};
+      auto step = [&](int64_t j, Vec<D>(&a)[TC]) {
+        const Vec<D> w = load<D>(cb + static_cast<int64_t>(row[j]) * D);
+        for (int64_t t = 0; t < TC; ++t) a[t] += w * load<D>(x_rows[t] + j * D);
+      };
+      int64_t j = j0;
+      for (; j + kChains <= j1; j += kChains)
+        for (int64_t q = 0; q < kChains; ++q) step(j + q, acc[q]);
+      for (; j < j1; ++j) step(j, acc[0]);
+      for (int64_t q = 0; q < kChains; ++q)
+        for (int64_t t = 0; t < TC; ++t)
+          for (int64_t i = 0; i < D; ++i) partial[o - o0][t] += acc[q][t][i];
+    }
+  }
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t t = 0; t < rows; ++t) out[t * oc + o] = partial[o - o0][t];
+}
+
+// Any d other than 2, 4, 8, plainly: correct, not tuned.
+template <typename Code>
+void gather_any(const float* const* x_rows, const Code* codes, const float* cb, int64_t J, int64_t d, int64_t oc,
+                int64_t o0, int64_t o1, int64_t rows, float* out) {
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t t = 0; t < rows; ++t) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t i = 0; i < d; ++i) acc += cb[codes[o * J + j] * d + i] * x_rows[t][j * d + i];
+      out[t * oc + o] = acc;
+    }
+}
+
+// The lookup-table GEMV for one token: lut[j * K + c] = x[j*d : (j+1)*d] . codebook[c] (cb_t is the
+// codebook transposed, [d][K], so the loop over codes is contiguous), then y[o] = sum_j lut[j, code[o, j]].
+void build_lut(const float* x, const float* cb_t, int64_t K, int64_t d, int64_t j0, int64_t j1, float* lut) {
+  for (int64_t j = j0; j < j1; ++j) {
+    float* row = lut + j * K;
+    std::fill(row, row + K, 0.f);
+    for (int64_t i = 0; i < d; ++i) {
+      const float xv = x[j * d + i];
+      const float* cbi = cb_t + i * K;
+      for (int64_t c = 0; c < K; ++c) row[c] += xv * cbi[c];
+    }
+  }
+}
+
+template <typename Code>
+void gather_lut(const float* lut, const Code* codes, int64_t J, int64_t K, int64_t o0, int64_t o1, float* out) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const Code* row = codes + o * J;
+    float acc[4] = {};  // four chains, so the adds do not wait on each other
+    int64_t j = 0;
+    for (; j + 4 <= J; j += 4)
+      for (int64_t q = 0; q < 4; ++q) acc[q] += lut[(j + q) * K + row[j + q]];
+    for (; j < J; ++j) acc[0] += lut[j * K + row[j]];
+    out[o] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+}
+
+template <typename F>
+void with_tc(int64_t tc, F&& f) {
+  switch (tc) {
+    case 1: f(Const<1>{}); break;
+    case 2: f(Const<2>{}); break;
+    case 4: f(Const<4>{}); break;
+    default: f(Const<8>{}); break;
+  }
+}
+
+template <typename F>
+void with_d(int64_t d, F&& f) {  // the usual vector lengths at compile time, others at run time (Const<0>)
+  switch (d) {
+    case 2: f(Const<2>{}); break;
+    case 4: f(Const<4>{}); break;
+    case 8: f(Const<8>{}); break;
+    default: f(Const<0>{}); break;
+  }
+}
+
+std::vector<Chunk> make_chunks(const int64_t* seg_bounds, int64_t S) {
+  std::vector<Chunk> chunks;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t end = seg_bounds[2 * s + 1];
+    for (int64_t r = seg_bounds[2 * s]; r < end; r += kMaxChunk) {
+      const int64_t rows = std::min(kMaxChunk, end - r);
+      chunks.push_back({s, r, rows, rows == 1 ? 1 : rows == 2 ? 2 : rows <= 4 ? 4 : 8});
+    }
+  }
+  return chunks;
+}
+
+// One block of output rows of one chunk, without a table.
+template <typename Code>
+void gather_block(const Chunk& ch, const float* x, int64_t ic, const Code* codes, const float* cb, int64_t d,
+                  int64_t oc, int64_t o0, int64_t o1, float* out) {
+  const int64_t J = ic / d;
+  const float* x_rows[kMaxChunk];
+  for (int64_t t = 0; t < kMaxChunk; ++t)  // padding tokens repeat the last row; their sums are dropped
+    x_rows[t] = x + (ch.row0 + std::min(t, ch.rows - 1)) * ic;
+  float* y = out + ch.row0 * oc;
+  with_tc(ch.tc, [&](auto tc) { with_d(d, [&](auto dc) {
+    constexpr int64_t TC = decltype(tc)::value, D = decltype(dc)::value;
+    if constexpr (D == 0) gather_any<Code>(x_rows, codes, cb, J, d, oc, o0, o1, ch.rows, y);
+    else if constexpr (TC == 1) gather_one<Code, D>(x_rows[0], codes, cb, J, o0, o1, y);
+    else gather_tokens<Code, TC, D>(x_rows, codes, cb, J, oc, o0, o1, ch.rows, y);
+  }); });
+}
+
+// Chunks run one after another, each spread over all threads, so a table stays in cache between being built
+// and being read. use_lut: single-token chunks go through the table (slower than gather_one on AVX2, see
+// docs/kernels.md, so the Python side leaves it off by default).
+template <typename Code>
+void decode(const float* x, const int64_t* seg_bounds, int64_t S, const void* codes, const int64_t* seg_expert,
+            const float* codebooks, int64_t oc, int64_t ic, int64_t K, int64_t d, bool use_lut, int64_t threads,
+            float* out) {
+  const int64_t J = ic / d, lut_blocks = (J + kLutJBlock - 1) / kLutJBlock, out_blocks = (oc + kOutBlock - 1) / kOutBlock;
+  const std::vector<Chunk> chunks = make_chunks(seg_bounds, S);
+  float* cb_t = use_lut ? scratch(K * d + J * K) : nullptr;
+  float* lut = use_lut ? cb_t + K * d : nullptr;
+#pragma omp parallel num_threads(threads)
+  for (const Chunk& ch : chunks) {
+    const float* cb = codebooks + ch.segment * K * d;
+    const Code* expert = static_cast<const Code*>(codes) + seg_expert[ch.segment] * oc * J;
+    const bool table = use_lut && ch.tc == 1;
+    if (table) {
+#pragma omp single
+      for (int64_t c = 0; c < K; ++c)
+        for (int64_t i = 0; i < d; ++i) cb_t[i * K + c] = cb[c * d + i];
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < lut_blocks; ++b)
+        build_lut(x + ch.row0 * ic, cb_t, K, d, b * kLutJBlock, std::min(J, (b + 1) * kLutJBlock), lut);
+    }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < out_blocks; ++b) {
+      const int64_t o0 = b * kOutBlock, o1 = std::min(oc, o0 + kOutBlock);
+      if (table) gather_lut<Code>(lut, expert, J, K, o0, o1, out + ch.row0 * oc);
+      else gather_block<Code>(ch, x, ic, expert, cb, d, oc, o0, o1, out);
+    }
+  }
+}
+
+template <typename Code>
+void dequantize(const Code* codes, int64_t rows, int64_t J, const float* cb, int64_t d, int64_t threads,
+                float* out) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < J; ++j) {
+      const float* w = cb + static_cast<int64_t>(codes[r * J + j]) * d;
+      std::copy(w, w + d, out + (r * J + j) * d);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Decode: out[seg rows] = x[seg rows] @ dequant(codes[expert], codebook)^T for every segment.
+// use_lut sends single-token chunks through the lookup-table GEMV; everything else gathers codebook rows.
+// Returns 0.
+int kbvq_decode(const float* x, const int64_t* seg_bounds, int64_t S, const void* codes, int64_t code_bytes,
+                const int64_t* seg_expert, const float* codebooks, int64_t oc, int64_t ic, int64_t K, int64_t d,
+                int64_t use_lut, int64_t threads, float* out) {
+  if (d <= 0 || ic % d != 0 || (code_bytes != 1 && code_bytes != 2)) return 1;
+  if (code_bytes == 1)
+    decode<uint8_t>(x, seg_bounds, S, codes, seg_expert, codebooks, oc, ic, K, d, use_lut != 0, threads, out);
+  else
+    decode<uint16_t>(x, seg_bounds, S, codes, seg_expert, codebooks, oc, ic, K, d, use_lut != 0, threads, out);
+  return 0;
+}
+
+// Prefill tile: out [rows, J*d] = codebook[codes[r, j]] laid side by side, for codes [rows, J]. Returns 0.
+int kbvq_dequantize(const void* codes, int64_t code_bytes, int64_t rows, int64_t J, const float* codebook,
+                    int64_t d, int64_t threads, float* out) {
+  if (code_bytes == 1) dequantize(static_cast<const uint8_t*>(codes), rows, J, codebook, d, threads, out);
+  else if (code_bytes == 2) dequantize(static_cast<const uint16_t*>(codes), rows, J, codebook, d, threads, out);
+  else return 1;
+  return 0;
+}
+
+}  // extern "C"
