@@ -69,7 +69,8 @@ def _tile_matmul_kernel(x_ptr, tiles_ptr, codes_ptr, cb_ptr, out_ptr, ic, oc, gr
                         D: tl.constexpr, CODE_MASK: tl.constexpr, PRECISE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tile = tl.program_id(0)
-    expert, start, end = tl.load(tiles_ptr + 3 * tile), tl.load(tiles_ptr + 3 * tile + 1), tl.load(tiles_ptr + 3 * tile + 2)
+    expert = tl.load(tiles_ptr + 3 * tile)
+    start, end = tl.load(tiles_ptr + 3 * tile + 1), tl.load(tiles_ptr + 3 * tile + 2)
     m = start + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
