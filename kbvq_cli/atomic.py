@@ -63,6 +63,15 @@ def _write_and_replace(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically, unless the file already holds exactly these bytes: rewriting
+    identical side files and manifests would make every rerun of a finished run write (and fail on a
+    read-only disk) for nothing."""
+    path = Path(path)
+    try:
+        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass  # unreadable: write it
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 

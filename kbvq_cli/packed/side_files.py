@@ -11,10 +11,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from kbvq_cli.atomic import atomic_write, atomic_write_json
+from kbvq_cli.atomic import atomic_write_bytes, atomic_write_json
 from kbvq_cli.model_files import safetensors_header
 from kbvq_cli.packed.model_card import CARD, write_model_card
 from kbvq_cli.stage_dir import StageDir
@@ -38,14 +37,15 @@ def weight_index(stage_dir: StageDir) -> dict:
 
 def write_config_and_tokenizer(stage_dir: StageDir, source_dir: Path, quantization: dict) -> list[str]:
     """config.json with the quantization_config, and the original's tokenizer and generation files; the
-    names written. Copies go through a temporary file, so a killed run never leaves half a file."""
+    names written. Copies go through a temporary file, so a killed run never leaves half a file, and a file
+    that already holds the same bytes is left alone."""
     config = json.loads((source_dir / CONFIG).read_text())
     config["quantization_config"] = quantization
     atomic_write_json(stage_dir.path / CONFIG, config)
     written = [CONFIG]
     for name in COPIED_FILES:
         if (source_dir / name).exists():
-            atomic_write(stage_dir.path / name, lambda tmp, name=name: shutil.copyfile(source_dir / name, tmp))
+            atomic_write_bytes(stage_dir.path / name, (source_dir / name).read_bytes())
             written.append(name)
     return written
 
