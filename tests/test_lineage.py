@@ -124,3 +124,17 @@ def test_changed_settings_are_named_in_words(tiny_model_dir, calib_text, tmp_pat
     assert error == (f"error: vq in {run / 'vq'} was made with other settings (bits: 2 -> 3; iters: 2 -> 3); "
                      f"pass --restart to redo it, or use another --run directory")
     assert snapshot(run) == before
+
+
+def test_eval_of_a_runs_pack_under_a_recipe_naming_another_model_is_refused(tiny_model_dir, calib_text, tmp_path):
+    qwen, mixtral, run = tiny_model_dir("qwen2_moe"), tiny_model_dir("mixtral"), tmp_path / "run"
+    assert calibrate(qwen, run, calib_text).exit_code == 0
+    for stage in (("klt-svd", "--rank", 2), ("vq", "--iters", 2), ("bcos",), ("pack",)):
+        ok(stage[0], "--run", run, *stage[1:])
+    other = tmp_path / "mixtral.yaml"
+    other.write_text(yaml.safe_dump({"model": str(mixtral)}))
+    before = snapshot(run)
+    error = one_line_error(invoke("eval", "--run", run, "--recipe", other, "--tasks", ""))
+    assert error == (f"error: {run} was calibrated on {qwen} (qwen2_moe); this command names {mixtral} (mixtral); "
+                     f"use another --run")
+    assert snapshot(run) == before

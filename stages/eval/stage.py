@@ -64,6 +64,19 @@ def recorded_summary(resolved: ResolvedStage) -> dict | None:
     return summary_of(results, identity, resolved.settings, str(target))
 
 
+def _check_pack_lineage(resolved: ResolvedStage) -> None:
+    """The run's pack must be of the model this command names (a `--recipe` may name another)."""
+    if resolved.model is None or not (resolved.run_dir / "pack" / "manifest.json").exists():
+        return
+    from kbvq_cli.lineage import check_lineage
+    from kbvq_cli.model_files import ModelSource
+    from kbvq_cli.stage_dir import StageDir
+
+    pack = StageDir.open_finished(resolved.run_dir, "pack")
+    check_lineage(resolved.run_dir, {"model": ModelSource(resolved.model).fingerprint()},
+                  {"model": resolved.model}, {"pack": pack})
+
+
 def load_model(path: Path, packed: bool, device: str):
     from kbvq_cli.model_files import ModelSource, load_tokenizer
 
@@ -86,8 +99,10 @@ def run(resolved: ResolvedStage, restart: bool = False, model_dir: str | None = 
 
     settings = resolved.settings
     path, packed = eval_target(resolved, model_dir)
-    save_run_recipe(resolved)
+    if packed and model_dir is None:
+        _check_pack_lineage(resolved)
     identity = model_identity(path, packed)
+    save_run_recipe(resolved)  # only once every check has passed: a refused command changes nothing
     results = ResultsFile(resolved.run_dir / STAGE / "results.json", restart)
     todo = results.missing(identity, settings)
     if todo:
