@@ -31,19 +31,25 @@ QWEN15_SHAPES = dict(hidden_size=2048, moe_intermediate_size=1408, shared_expert
                      intermediate_size=5632, num_experts=60, num_experts_per_tok=4, num_hidden_layers=2,
                      num_attention_heads=16, num_key_value_heads=16, vocab_size=4096, max_position_embeddings=4096)
 VARIANTS = (("original", "bfloat16"), ("original", "float32"), ("packed", "float32"), ("packed", "bfloat16"))
+MEMORY_RECIPES = ("kbvq-w2", "kbvq-w3", "gptq-w2", "rtn-w3")  # the mini test-bed's packs, resident against stored
 
 
 # ------------------------------------------------------------------ preparing the models (cached)
 def kbvq(*args) -> None:
-    subprocess.run([sys.executable, "-m", "kbvq_cli.app", *map(str, args)], check=True, cwd=ROOT)
+    """One kbvq command, quiet unless it fails."""
+    print(f"  (cached for later runs) kbvq {' '.join(map(str, args))}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "kbvq_cli.app", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        sys.exit(f"kbvq {' '.join(map(str, args))} failed:\n{(done.stdout + done.stderr)[-3000:]}")
 
 
-def prepare_mini(work: Path) -> tuple[Path, Path]:
-    model, run = ROOT / "testbed-mini", work / "mini-kbvq-w2"
+def prepare_mini(work: Path, recipe: str = "kbvq-w2") -> tuple[Path, Path]:
+    model, run = ROOT / "testbed-mini", work / f"mini-{recipe}"
     if not (model / "config.json").exists():
         sys.exit("testbed-mini/ is missing: run `make testbed-mini` (or `kbvq testbed --out testbed-mini --variant mini`)")
     if not (run / "pack" / "manifest.json").exists():
-        kbvq("run", "--recipe", ROOT / "recipes" / "testbed-mini" / "kbvq-w2.yaml", "--run", run)
+        kbvq("run", "--recipe", ROOT / "recipes" / "testbed-mini" / f"{recipe}.yaml", "--run", run)
     return model, run / "pack"
 
 
@@ -132,7 +138,7 @@ def measure(kind: str, path: str, dtype_name: str, args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from kbvq_cli.kernels import resolve_backend
-    from kbvq_cli.packed.resident import resident_bytes
+    from kbvq_cli.packed.resident import quantized_resident_bytes, resident_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +148,7 @@ def measure(kind: str, path: str, dtype_name: str, args) -> dict:
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     load_seconds = time.perf_counter() - started
-    tensor_bytes = resident_bytes(model)
+    tensor_bytes, quantized_bytes = resident_bytes(model), quantized_resident_bytes(model)
     vocab = model.config.vocab_size
     prefill = min(args.prefill, model.config.max_position_embeddings)
     ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(0))
@@ -154,7 +160,7 @@ def measure(kind: str, path: str, dtype_name: str, args) -> dict:
     return {"kind": kind, "dtype": dtype_name, "threads": torch.get_num_threads(), "load_s": load_seconds,
             "prefill_tokens": prefill, "prefill_tok_s": prefill / prefill_seconds,
             "decode_b1_tok_s": decode[1], "decode_b8_tok_s": decode[8],
-            "tensor_bytes": tensor_bytes, "rss_before": rss_before, "rss_after": rss_bytes(),
+            "tensor_bytes": tensor_bytes, "quantized_bytes": quantized_bytes, "rss_before": rss_before, "rss_after": rss_bytes(),
             "backend": resolve_backend(ids.float()) if kind == "packed" else "-"}
 
 
@@ -173,17 +179,17 @@ def mib(count: float) -> str:
 
 
 def print_model(name: str, original: Path, pack: Path, rows: list[dict]) -> None:
-    from kbvq_cli.packed.resident import pack_bytes
+    from kbvq_cli.packed.resident import pack_bytes, pack_quantized_bytes
 
     storage = json.loads((pack / "manifest.json").read_text())["summary"]["storage"]
-    stored = pack_bytes(pack)
+    stored, stored_quantized = pack_bytes(pack), pack_quantized_bytes(storage)
     print(f"\n== {name}: {original} -> {pack}")
-    print(f"pack: {stored:,} tensor bytes ({mib(stored)} MiB), {storage['bytes_on_disk']:,} bytes of shards; "
-          f"original {storage['original_bytes']:,} bytes; {storage['bits_per_expert_weight']:.4f} bits per expert "
-          f"weight (formula {storage['formula_bits_per_expert_weight']:.4f})")
-    header = ("model", "dtype", "backend", "decode b1 tok/s", "decode b8 tok/s", "prefill tok/s", "tensor MiB",
-              "RSS before MiB", "RSS after MiB", "load s")
-    print(" | ".join(header))
+    print(f"pack: {stored:,} tensor bytes ({mib(stored)} MiB; quantized parts {mib(stored_quantized)} MiB), "
+          f"{storage['bytes_on_disk']:,} bytes of shards; original {storage['original_bytes']:,} bytes; "
+          f"{storage['bits_per_expert_weight']:.4f} bits per expert weight "
+          f"(formula {storage['formula_bits_per_expert_weight']:.4f})")
+    print(" | ".join(("model", "dtype", "backend", "decode b1 tok/s", "decode b8 tok/s", "prefill tok/s (tokens)",
+                      "tensor MiB", "RSS before load MiB", "RSS after decoding MiB", "load s")))
     for row in rows:
         print(" | ".join([row["kind"], row["dtype"], row["backend"], f"{row['decode_b1_tok_s']:.2f}",
                           f"{row['decode_b8_tok_s']:.2f}", f"{row['prefill_tok_s']:.1f} ({row['prefill_tokens']})",
@@ -191,18 +197,39 @@ def print_model(name: str, original: Path, pack: Path, rows: list[dict]) -> None
                           f"{row['load_s']:.1f}"]))
     originals = [row for row in rows if row["kind"] == "original"]
     best = {key: max(row[key] for row in originals) for key in ("decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s")}
-    print("ratios, packed / the faster original (bf16 or fp32) for speed; packed / pack tensor bytes for memory:")
-    for row in rows:
-        if row["kind"] != "packed":
-            continue
+    for row in (row for row in rows if row["kind"] == "packed"):
         growth = row["rss_after"] - row["rss_before"]
-        print(f"  packed {row['dtype']}: decode b1 {row['decode_b1_tok_s'] / best['decode_b1_tok_s']:.2f}x "
-              f"(target >= 1.2), decode b8 {row['decode_b8_tok_s'] / best['decode_b8_tok_s']:.2f}x, "
-              f"prefill {row['prefill_tok_s'] / best['prefill_tok_s']:.2f}x (target >= 0.67, i.e. at most 1.5x "
-              f"slower); resident tensor bytes / pack {row['tensor_bytes'] / stored:.3f} (target <= 1.05); "
-              f"RSS growth (after decoding - before loading) / pack {growth / stored:.3f} (target <= 1.3); "
-              f"RSS after decoding against original's: "
+        print(f"packed {row['dtype']}, against the faster original (bf16 or fp32) and the pack:")
+        print(f"  decode b1 {row['decode_b1_tok_s'] / best['decode_b1_tok_s']:.2f}x (target >= 1.2)   "
+              f"decode b8 {row['decode_b8_tok_s'] / best['decode_b8_tok_s']:.2f}x   "
+              f"prefill {row['prefill_tok_s'] / best['prefill_tok_s']:.2f}x (target >= 0.67: at most 1.5x slower)")
+        print(f"  resident tensor bytes / pack tensor bytes {row['tensor_bytes'] / stored:.3f} (target <= 1.05; the "
+              f"unquantized tensors take the compute dtype), quantized parts resident / stored "
+              f"{row['quantized_bytes'] / stored_quantized:.3f}")
+        print(f"  RSS growth (after decoding - before loading) / pack tensor bytes {growth / stored:.3f}, / resident "
+              f"tensor bytes {growth / row['tensor_bytes']:.3f} (target <= 1.3); RSS after decoding / original's: "
               + ", ".join(f"{o['dtype']} {row['rss_after'] / o['rss_after']:.2f}x" for o in originals))
+
+
+def print_memory(work: Path) -> None:
+    """Resident against stored bytes of the mini test-bed's packs at 2 and 3 bits and RTN/GPTQ, each loaded
+    in its own dtype (in this process: tensor bytes only, no RSS)."""
+    import kbvq_cli  # noqa: F401
+    from kbvq_cli import load_quantized
+    from kbvq_cli.packed.resident import pack_bytes, pack_quantized_bytes, quantized_resident_bytes, resident_bytes
+
+    print("\n== resident / stored bytes, packs loaded in their own dtype (mini test-bed; 12-bit codes are held as "
+          "int16, RTN/GPTQ codes stay bit-packed)")
+    print("pack | bits per expert weight | pack tensor bytes | resident | ratio | quantized parts stored | "
+          "resident | ratio")
+    for recipe in MEMORY_RECIPES:
+        _, pack = prepare_mini(work, recipe)
+        storage = json.loads((pack / "manifest.json").read_text())["summary"]["storage"]
+        model = load_quantized(pack)
+        stored, resident = pack_bytes(pack), resident_bytes(model)
+        stored_q, resident_q = pack_quantized_bytes(storage), quantized_resident_bytes(model)
+        print(f"{recipe} | {storage['bits_per_expert_weight']:.4f} | {stored:,} | {resident:,} | {resident / stored:.3f} | "
+              f"{stored_q:,} | {resident_q:,} | {resident_q / stored_q:.3f}")
 
 
 def main() -> None:
@@ -230,6 +257,7 @@ def main() -> None:
         rows = [measure_in_subprocess(kind, original if kind == "original" else pack, dtype, args)
                 for kind, dtype in VARIANTS]
         print_model(name, original, pack, rows)
+    print_memory(work)
 
 
 if __name__ == "__main__":
