@@ -1,10 +1,12 @@
 """VQ matmul of one Qwen1.5-MoE-A2.7B expert on each kernels backend, beside dense fp32 and bf16 `x @ W.T`.
 
 Shapes gate/up (1408 x 2048) and down (2048 x 1408), 2 bits with d=4 (8-bit codes, K=256, fp16 codebook),
-for decode (T=1, T=8 rows) and prefill (T=512). Repetitions are interleaved (every backend once, then
-again) and the median is kept, so a machine shared with others slows all columns alike; the printed
-ratios are to dense fp32 measured in the same run. Each repetition uses the next of `--experts` distinct
-experts, so weights are not all cache-resident (as in a MoE, where every step routes to other experts).
+for decode (T=1, T=8 rows) and prefill (T=512). Repetitions are interleaved (every backend once, in a
+shuffled order, then again) and the median is kept, so a machine shared with others slows all columns
+alike; the printed ratios are to dense fp32 measured in the same run. Each repetition uses the next of
+`--experts` distinct experts, so weights are not all cache-resident (as in a MoE, where every step routes to
+other experts).
+At decode sizes `cpu lut` / `triton gather` time the backend's other decode kernel beside its default.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_kernels.py [--experts 8] [--reps 15] [--backends torch,cpu]
 """
@@ -12,6 +14,8 @@ experts, so weights are not all cache-resident (as in a MoE, where every step ro
 from __future__ import annotations
 
 import argparse
+import importlib
+import random
 import statistics
 import time
 
@@ -45,27 +49,51 @@ def make_experts(oc: int, ic: int, count: int, device: torch.device, gen: torch.
     return experts
 
 
+# The other decode kernel of a backend, for an A/B beside its default: name, module, function, lut, and
+# the most rows it differs for (the cpu table is only ever used for single tokens).
+DECODE_VARIANTS = {"cpu": ("cpu lut", "kbvq_cli.kernels.cpu_backend", "decode_segments", True, 1),
+                   "triton": ("triton gather", "kbvq_cli.kernels.triton_backend", "decode_rows", False, 8)}
+
+
+def decode_variant(backend: str, x: torch.Tensor):
+    """(name, function(expert)) running `backend`'s non-default decode kernel on all rows of x."""
+    name, module, function, lut, _ = DECODE_VARIANTS[backend]
+    decode = getattr(importlib.import_module(module), function)
+
+    def run(e):
+        out = torch.zeros(x.shape[0], e["indices"].shape[0], device=x.device)
+        decode(x.contiguous(), [(0, 0, x.shape[0])], e["indices"][None], e["codebook"][None], out, lut=lut)
+        return out
+
+    return name, run
+
+
 def candidates(experts, backends: list[str], x: torch.Tensor):
     """name -> function(expert) running one matmul of `x` [T, ic]."""
     x_bf16 = x.bfloat16()
     runs = {"dense fp32": lambda e: x @ e["fp32"].T, "dense bf16": lambda e: x_bf16 @ e["bf16"].T}
     for name in backends:
         runs[name] = lambda e, name=name: vq_matmul(x, e["indices"], e["codebook"], backend=name)
+        if name in DECODE_VARIANTS and x.shape[0] <= DECODE_VARIANTS[name][4]:
+            variant, run = decode_variant(name, x)
+            runs[variant] = run
     return runs
 
 
 def median_times(runs, experts, reps: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each run, interleaved, each repetition on the next expert."""
+    """Median seconds per call of each run, interleaved in shuffled order, each repetition on the next expert."""
     for run in runs.values():  # warm-up: first-call costs (builds, allocations) stay out of the figures
         run(experts[0])
     times = {name: [] for name in runs}
+    order, shuffle = list(runs), random.Random(0).shuffle
     for rep in range(reps):
         expert = experts[rep % len(experts)]
-        for name, run in runs.items():
+        shuffle(order)  # so that no run always finds the cache its predecessor left
+        for name in order:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            run(expert)
+            runs[name](expert)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - started)
@@ -103,7 +131,8 @@ def main() -> None:
             reps = args.reps if tokens < 64 else max(3, args.reps // 3)
             medians = median_times(runs, experts, reps, device)
             base = medians["dense fp32"]
-            cells = "  ".join(f"{name} {seconds * 1e3:7.3f} ms ({seconds / base:5.2f}x)" for name, seconds in medians.items())
+            cells = "  ".join(f"{name} {seconds * 1e3:7.3f} ms ({seconds / base:5.2f}x)"
+                              for name, seconds in medians.items())
             print(f"{shape_name:8s} {oc}x{ic} T={tokens:<4d} {cells}", flush=True)
 
 

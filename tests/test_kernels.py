@@ -29,12 +29,18 @@ DECODE_ROWS, PREFILL_ROWS = [1, 0, 3, 2], [64, 0, 5, 40]  # rows per expert; exp
 TOLERANCE = 1e-3
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    if request.param == "cpu" and not cpu_backend.available():
+def require_cpu_kernels() -> None:
+    """Skip without a compiler; with one, a failing build is a failure."""
+    if not cpu_backend.available():
         if shutil.which("g++") or shutil.which("c++") or os.environ.get("CXX"):
             pytest.fail(f"a compiler exists but the cpu kernels do not build: {cpu_backend.unavailable_reason()}")
         pytest.skip(f"no compiled cpu kernels: {cpu_backend.unavailable_reason()}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    if request.param == "cpu":
+        require_cpu_kernels()
     if request.param == "triton":
         pytest.importorskip("triton")
         if not INTERPRETING:
@@ -234,12 +240,36 @@ def test_bad_inputs_are_refused():
     x = random_x([3, 0, 0, 1])
     with pytest.raises(ValueError, match="offsets end at row"):
         kernels.vq_experts_forward(x, [0, 3, 3, 3, 3], parts.indices, parts.codebook, backend="torch")
+    with pytest.raises(ValueError, match="offsets end at row 0"):
+        kernels.vq_experts_forward(x, [0, 0, 0, 0, 0], parts.indices, parts.codebook, backend="torch")
     with pytest.raises(ValueError, match="never decrease"):
         kernels.vq_experts_forward(x, [0, 3, 2, 4, 4], parts.indices, parts.codebook, backend="torch")
     with pytest.raises(TypeError, match="uint8 or torch.int16"):
         kernels.vq_experts_forward(x, [0, 3, 3, 3, 4], parts.indices.int(), parts.codebook, backend="torch")
     with pytest.raises(ValueError, match="scale has shape"):
         VqParts(parts.indices, parts.codebook, scale=torch.zeros(N_EXPERTS, OC + 1))
+
+
+def test_cpu_kernels_report_why_they_cannot_load(monkeypatch):
+    """Without a working compiler the library is reported unavailable with the reason (and `auto` falls back)."""
+    build = cpu_backend._load.__wrapped__  # the uncached loader
+    monkeypatch.setattr(cpu_backend, "_compiler", lambda: None)
+    assert build() == (None, "no C++ compiler found (set CXX, or install g++)")
+    monkeypatch.setattr(cpu_backend, "_compiler", lambda: shutil.which("false") or "/bin/false")
+    library, reason = build()
+    assert library is None and "failed to build cpu_kernels.cpp" in reason
+
+
+def test_cpu_decode_refuses_arguments_its_pointers_would_overrun():
+    require_cpu_kernels()
+    parts = make_parts(8)
+    x, out = random_x([3]), torch.zeros(3, OC)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu_backend.decode_segments(x.double(), [(0, 0, 3)], parts.indices, parts.codebook, out)
+    with pytest.raises(ValueError, match="outside"):
+        cpu_backend.decode_segments(x, [(0, 0, 4)], parts.indices, parts.codebook, out)
+    with pytest.raises(ValueError, match="outside"):
+        cpu_backend.decode_segments(x, [(N_EXPERTS, 0, 3)], parts.indices, parts.codebook, out)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the interpreter run")

@@ -80,9 +80,7 @@ def vq_experts_forward(x: torch.Tensor, offsets: torch.Tensor | list[int], indic
     matmul); where the line lies depends on the backend.
     """
     n = check_experts(x, indices, codebook)[0]
-    segments = segments_from_offsets(offsets, n)
-    if segments and segments[-1][2] != x.shape[0]:
-        raise ValueError(f"offsets end at row {segments[-1][2]} but x has {x.shape[0]} rows")
+    segments = segments_from_offsets(offsets, n, x.shape[0])
     return backend_module(resolve_backend(x, backend)).experts_forward(x, segments, indices, codebook)
 
 

@@ -37,13 +37,16 @@ def use_lut(num_codes: int, oc: int) -> bool:
     return 2 * num_codes <= oc
 
 
-def segments_from_offsets(offsets: torch.Tensor | list[int], num_experts: int) -> list[Segment]:
-    """The non-empty segments of `offsets` (int [n+1], non-decreasing; expert e owns rows offsets[e]:offsets[e+1])."""
+def segments_from_offsets(offsets: torch.Tensor | list[int], num_experts: int, num_rows: int) -> list[Segment]:
+    """The non-empty segments of `offsets` (int [n+1], from 0 to num_rows, non-decreasing; expert e owns rows
+    offsets[e]:offsets[e+1])."""
     bounds = offsets.tolist() if isinstance(offsets, torch.Tensor) else list(offsets)
     if len(bounds) != num_experts + 1:
         raise ValueError(f"offsets has {len(bounds)} entries, expected num_experts + 1 = {num_experts + 1}")
     if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ValueError("offsets must start at 0 and never decrease")
+    if bounds[-1] != num_rows:
+        raise ValueError(f"offsets end at row {bounds[-1]} but x has {num_rows} rows")
     return [(e, bounds[e], bounds[e + 1]) for e in range(num_experts) if bounds[e + 1] > bounds[e]]
 
 

@@ -122,6 +122,18 @@ def _check(status: int, function: str) -> None:
         raise ValueError(f"{function} rejected its arguments (status {status})")
 
 
+def _check_pointers(x: torch.Tensor, segments: list[Segment], indices: torch.Tensor, out: torch.Tensor,
+                    num_experts: int) -> None:
+    """What the C side trusts without checking: dtypes, layouts, and rows and experts in range."""
+    if not (x.dtype == out.dtype == torch.float32 and x.is_contiguous() and out.is_contiguous()
+            and indices.is_contiguous() and x.device.type == out.device.type == indices.device.type == "cpu"):
+        raise ValueError("decode_segments takes contiguous float32 CPU x and out and contiguous CPU indices")
+    if out.shape != (x.shape[0], indices.shape[1]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(x.shape[0], indices.shape[1])}")
+    if any(not (0 <= start <= end <= x.shape[0] and 0 <= expert < num_experts) for expert, start, end in segments):
+        raise ValueError("a segment lies outside x's rows or the experts")
+
+
 def dequantize_tile(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """indices [rows, J] uint8|int16 (contiguous), codebook [K, d] float32 -> [rows, J*d] float32."""
     rows, groups = indices.shape
@@ -142,8 +154,9 @@ def decode_segments(x: torch.Tensor, segments: list[Segment], indices: torch.Ten
     sends single tokens through the lookup-table GEMV instead, which measures slower on AVX2 (0.55 against
     0.30 ms for a 1408x2048 expert, docs/kernels.md) and so is off by default.
     """
-    _, oc, _ = indices.shape
+    n, oc, _ = indices.shape
     num_codes, d = codebook.shape[1:]
+    _check_pointers(x, segments, indices, out, n)
     experts = torch.tensor([expert for expert, _, _ in segments], dtype=torch.int64)
     bounds = torch.tensor([[start, end] for _, start, end in segments], dtype=torch.int64)
     codebooks = codebook[experts].float().contiguous()  # only the experts that have rows

@@ -198,7 +198,8 @@ template <typename Code>
 void decode(const float* x, const int64_t* seg_bounds, int64_t S, const void* codes, const int64_t* seg_expert,
             const float* codebooks, int64_t oc, int64_t ic, int64_t K, int64_t d, bool use_lut, int64_t threads,
             float* out) {
-  const int64_t J = ic / d, lut_blocks = (J + kLutJBlock - 1) / kLutJBlock, out_blocks = (oc + kOutBlock - 1) / kOutBlock;
+  const int64_t J = ic / d, lut_blocks = (J + kLutJBlock - 1) / kLutJBlock;
+  const int64_t out_blocks = (oc + kOutBlock - 1) / kOutBlock;
   const std::vector<Chunk> chunks = make_chunks(seg_bounds, S);
   float* cb_t = use_lut ? scratch(K * d + J * K) : nullptr;
   float* lut = use_lut ? cb_t + K * d : nullptr;

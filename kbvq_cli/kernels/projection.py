@@ -90,7 +90,7 @@ def projection_forward(x: torch.Tensor, parts: VqParts, offsets: torch.Tensor | 
     """
     n = check_experts(x, parts.indices, parts.codebook)[0]
     offsets = [0, x.shape[0]] if offsets is None else offsets
-    segments = segments_from_offsets(offsets, n)
+    segments = segments_from_offsets(offsets, n, x.shape[0])
     y = vq_experts_forward(x, offsets, parts.indices, parts.codebook, backend=backend)
     if parts.shared_basis is not None:
         y = y + _low_rank(x, parts, segments, projected)

@@ -5,8 +5,9 @@ every routed row r, then `_gemv_kernel` sums `lut[r, j, indices[o, j]]` over j; 
 table (see `common.use_lut`) `_gemv_kernel` gathers codebook rows instead. Prefill: `_tile_matmul_kernel`
 dequantizes a [BLOCK_N, BLOCK_K] tile of one expert's matrix in registers and feeds it to `tl.dot`.
 
-Triton reads TRITON_INTERPRET when `@triton.jit` runs, i.e. when this module is first imported: set it
-before that to run these kernels on the CPU (tests do, in a fixture that imports this module afresh).
+To run these kernels on the CPU, set TRITON_INTERPRET=1 before `triton` itself is first imported: triton's
+own `@jit` helpers (tl.sum, ...) are decorated then, so setting it later breaks the kernels. The tests run
+their triton cases in a child process started with it.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def _tile_matmul_kernel(x_ptr, tiles_ptr, codes_ptr, cb_ptr, out_ptr, ic, oc, gr
                         D: tl.constexpr, CODE_MASK: tl.constexpr, PRECISE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tile = tl.program_id(0)
-    expert, start, end = tl.load(tiles_ptr + 3 * tile), tl.load(tiles_ptr + 3 * tile + 1), tl.load(tiles_ptr + 3 * tile + 2)
+    expert = tl.load(tiles_ptr + 3 * tile)
+    start, end = tl.load(tiles_ptr + 3 * tile + 1), tl.load(tiles_ptr + 3 * tile + 2)
     m = start + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
