@@ -63,8 +63,10 @@ bench-vq: install
 bench-stages: install
 	$(PY) benchmarks/bench_stages.py
 
+# Decode/prefill speed and memory of packed models against their originals (CPU); the models it builds and
+# quantizes are cached in .cache/bench-decode/. BENCH_DECODE_ARGS="--threads 2 --repeats 5" for example.
 bench-decode: install testbed-mini
-	$(PY) benchmarks/bench_decode.py
+	$(PY) benchmarks/bench_decode.py $(BENCH_DECODE_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -47,9 +47,13 @@ def test_quantized_attention_packs_loads_and_exports(method, tiny_model_dir, cal
     model_dir, run = tiny_model_dir("qwen2_moe"), tmp_path / "run"
     quantized_run(model_dir, calib_text, run, "--method", method, "--bits", 4, "--group-size", 32)
     ids = torch.tensor([[2, 7, 1, 8, 2, 8, 1, 8]])
+    from kbvq_cli.packed.reference_loader import load_reference
+
     packed = load_quantized(run)
     with torch.no_grad():
         got = packed(input_ids=ids).logits
+        expected = load_reference(run)(input_ids=ids).logits  # every linear dequantized whole
+        assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
         invoke("pack", "--run", run, "--dense")
         dense_model = AutoModelForCausalLM.from_pretrained(str(run / "dense"), dtype=torch.float32)
         nonexpert = NonExpertCodes(run)

@@ -15,15 +15,34 @@ import torch
 from kbvq_cli.model_files import safetensors_header
 
 
-def resident_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the distinct storages behind `module`'s parameters and buffers (views counted once)."""
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage counted once)."""
     storages = {}
-    for tensor in [*module.parameters(), *module.buffers()]:
+    for tensor in tensors:
         if tensor is None or tensor.is_meta:
             continue
         storage = tensor.untyped_storage()
         storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
+
+
+def resident_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind `module`'s parameters and buffers."""
+    return storage_bytes([*module.parameters(), *module.buffers()])
+
+
+def quantized_resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes the runtime modules hold for the quantized parts (codes, codebooks, bases, coefficients,
+    scales and shifts, RTN/GPTQ scales and zeros): what `pack_quantized_bytes` counts in the pack."""
+    from kbvq_cli.packed.modules import ScalarProjection, VqProjection
+
+    return storage_bytes([buffer for module in model.modules() if isinstance(module, (VqProjection, ScalarProjection))
+                          for buffer in module.buffers(recurse=False)])
+
+
+def pack_quantized_bytes(storage: dict) -> int:
+    """The quantized parts' bytes of a pack, from its recorded storage (`summary.storage` of the manifest)."""
+    return sum(count for part, count in storage["parts"].items() if part != "unquantized")
 
 
 def pack_bytes(pack_dir: str | Path) -> int:
