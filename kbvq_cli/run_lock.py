@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kbvq_cli.errors import KbvqError
+from kbvq_cli.processes import process_alive
 
 LOCK_NAME = ".kbvq.lock"
 READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -214,17 +215,5 @@ def _break_stale(run_dir: Path, holder: dict) -> None:
         raise KbvqError(f"{run_dir} is locked by {_describe(holder)}, and kbvq cannot tell from this host "
                         f"whether it still runs; wait for it or stop it, or if it is gone delete "
                         f"{run_dir / LOCK_NAME}")
-    state = "is gone" if not _process_alive(holder.get("pid")) else "no longer holds it"
+    state = "is gone" if not process_alive(holder.get("pid")) else "no longer holds it"
     warn(f"breaking the stale lock of {run_dir}: {_describe(holder)} {state}")
-
-
-def _process_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

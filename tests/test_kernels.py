@@ -176,6 +176,24 @@ def test_decode_kernels_with_and_without_table(backend, bits, lut, d):
     assert_close(out, expected)
 
 
+@pytest.mark.parametrize("d", [2, 4, 8])
+@pytest.mark.parametrize("groups", [13, 16, 3], ids=["ragged", "even", "short"])
+def test_cpu_single_token_gather_on_any_group_count(d, groups):
+    """One-token segments take the 8-wide gather (d = 2, 4): codes in vectors of 8 / d, two output rows at a
+    time, with a tail of codes after the last full pair of vectors and an odd last row. Group counts that
+    leave a tail (13), none (16) and only a tail (3) all equal float64."""
+    require_cpu_kernels()
+    ic, oc = groups * d, 67
+    parts = make_parts(8, oc=oc, ic=ic, d=d)
+    x = random_x([3], ic=ic)
+    segments = [(2, 0, 1), (0, 1, 2), (3, 2, 3)]
+    expected = torch.cat([float64_projection(x[start:end], VqParts(parts.indices[e:e + 1], parts.codebook[e:e + 1]),
+                                             [1]) for e, start, end in segments])
+    out = torch.zeros(3, oc)
+    cpu_backend.decode_segments(x, segments, parts.indices, parts.codebook, out)
+    assert_close(out, expected, tolerance=1e-5)
+
+
 @pytest.mark.parametrize("bits", [8, 12, 16])
 def test_torch_lookup_table_matmul(bits):
     parts = make_parts(bits, dtype=torch.float32)
@@ -186,7 +204,7 @@ def test_torch_lookup_table_matmul(bits):
 
 
 @pytest.mark.parametrize("side", [None, "input", "output"], ids=["no-basis", "input-side", "output-side"])
-def test_moe_experts_forward_matches_vq_modules(backend, side):
+def test_moe_experts_forward_matches_reference_modules(backend, side):
     """The batched layer gives what today's reference modules give, routing and weighting included."""
     hidden_size, intermediate = 32, 24
     gate = make_parts(8, side, bcos=True, oc=intermediate, ic=hidden_size, dtype=torch.float32, seed=2)

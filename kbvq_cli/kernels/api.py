@@ -1,7 +1,7 @@
 """The VQ matmul of one expert or of all experts of a layer, on the backend `KBVQ_KERNELS` names.
 
 Backends (`KBVQ_KERNELS`, or the `backend=` argument, which wins):
-  reference  dequantize each expert whole and multiply (the semantics of `kbvq_cli.vq_modules`)
+  reference  dequantize each expert whole and multiply (the semantics of `kbvq_cli.packed.reference`)
   torch      vectorised pure torch, no compiler (LUT decode, tiled prefill): runs anywhere torch does
   cpu        `cpu_kernels.cpp` compiled once per machine (LUT GEMV decode, compiled dequantize for prefill)
   triton     Triton kernels for CUDA tensors (or any tensors under TRITON_INTERPRET=1)

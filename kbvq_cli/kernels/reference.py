@@ -1,4 +1,4 @@
-"""`reference` backend: each expert's matrix dequantized whole, then one matmul (what `vq_modules` does).
+"""`reference` backend: each expert's matrix dequantized whole, then one matmul (what `kbvq_cli.packed.reference` does).
 
 Not for speed; the other backends are tested against it and against float64.
 """

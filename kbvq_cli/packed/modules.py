@@ -27,6 +27,7 @@ from torch import nn
 
 from kbvq_cli.kernels import VqParts, group_by_expert, moe_experts_forward, projection_forward
 from kbvq_cli.packed.bitpack import unpack_rows
+from kbvq_cli.packed.expert_layer import RoutedExperts
 from kbvq_cli.scalar_quant import QuantizedLinear, dequantize
 
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]  # a stored tensor's dtype and shape
@@ -104,14 +105,8 @@ class VqProjection(PackedTensors):
         return projection_forward(flat, self.parts()).reshape(*x.shape[:-1], self.out_features)
 
 
-class VqExperts(nn.Module):
+class VqExperts(RoutedExperts):
     """A layer's routed experts: gate, up and down `VqProjection`s of all `num_experts` and the model's act."""
-
-    def __init__(self, gate: VqProjection, up: VqProjection, down: VqProjection, act_fn, num_experts: int):
-        super().__init__()
-        self.gate, self.up, self.down = gate, up, down
-        self.act_fn = act_fn
-        self.num_experts = num_experts
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -161,15 +156,8 @@ class ScalarProjection(PackedTensors):
         return y if self.bias is None else y + self.bias
 
 
-class ScalarExperts(nn.Module):
+class ScalarExperts(RoutedExperts):
     """A layer's routed experts quantized by RTN/GPTQ: each routed expert's matrices dequantized when used."""
-
-    def __init__(self, gate: ScalarProjection, up: ScalarProjection, down: ScalarProjection, act_fn,
-                 num_experts: int):
-        super().__init__()
-        self.gate, self.up, self.down = gate, up, down
-        self.act_fn = act_fn
-        self.num_experts = num_experts
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

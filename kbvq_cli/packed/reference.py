@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kbvq_cli.packed.expert_layer import RoutedExperts
 from kbvq_cli.scalar_quant import QuantizedLinear, dequantize
 
 
@@ -73,14 +74,8 @@ class VqProjection(nn.Module):
         return y
 
 
-class VqExperts(nn.Module):
+class VqExperts(RoutedExperts):
     """Routed experts of one layer: gate, up and down `VqProjection`s and the model's activation."""
-
-    def __init__(self, gate: VqProjection, up: VqProjection, down: VqProjection, act_fn, num_experts: int):
-        super().__init__()
-        self.gate, self.up, self.down = gate, up, down
-        self.act_fn = act_fn
-        self.num_experts = num_experts
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         output = torch.zeros_like(hidden_states)

@@ -25,6 +25,7 @@ from kbvq_cli.errors import KbvqError
 from kbvq_cli.testbed import corpus, manifest, sources
 from kbvq_cli.testbed.model import Variant, get_variant
 from kbvq_cli.threads import torch_threads
+from kbvq_cli.processes import process_alive
 
 HELD_OUT = ("calib", "val", "test")
 EVALUATED = ("val", "test")
@@ -174,18 +175,8 @@ def _remove_stale_work_dirs(out_dir: Path) -> None:
     """Delete staging/retired directories of `out_dir` left by builds that were killed (dead pid)."""
     for leftover in out_dir.parent.glob(f".{out_dir.name}.*-*"):
         kind, _, pid = leftover.name.rpartition("-")
-        if kind.endswith((".staging", ".old")) and pid.isdigit() and not _process_alive(int(pid)):
+        if kind.endswith((".staging", ".old")) and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _replace_directory(staging: Path, out_dir: Path) -> None:
