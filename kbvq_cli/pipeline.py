@@ -55,8 +55,21 @@ def run_shared_calibration(recipe_path: str, calibration: str, run_dir: Path, al
                           allow_thread_change=allow_thread_change)
     with run_lock(Path(calibration)):  # the shared directory is another run's too: one writer at a time
         STAGES["calibrate"].runner_function()(stage, restart=False)
+    from kbvq_cli import distributed
+
     target = (Path(calibration) / "calibrate").resolve()
     link = run_dir / "calibrate"
+    if not distributed.world().leader:
+        distributed.sync()  # rank 0 makes the link; the next stage reads through it
+        return
+    try:
+        _link_calibration(link, target, run_dir)
+    except Exception as error:
+        distributed.sync(error)
+    distributed.sync()
+
+
+def _link_calibration(link: Path, target: Path, run_dir: Path) -> None:
     if link.is_symlink() and link.resolve() == target:
         return
     if link.exists() or link.is_symlink():
