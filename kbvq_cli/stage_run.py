@@ -134,14 +134,15 @@ class StageRun:
         return chosen
 
     def gather(self) -> None:
-        """The sync point of a unit-sharded stage: every rank's units are merged into the manifest by rank 0,
-        and every rank reads it back. A no-op without torchrun or when `mine` was never called."""
+        """The sync point before a stage's summary: rank 0 merges every rank's journal into the manifest
+        (a unit-sharded stage), and every other rank reads the manifest back, so all see every unit.
+        A no-op without torchrun."""
         here = distributed.world()
-        journalled = self.dir.journal is not None
-        if not here.distributed or not any(distributed.all_gather_object(journalled)):
+        if not here.distributed:
             return
-        distributed.sync()  # every rank has committed its last unit to its journal
-        if here.leader:
+        # a collective: when it returns every rank has committed its last unit
+        journalled = any(distributed.all_gather_object(self.dir.journal is not None))
+        if journalled and here.leader:
             self.dir.merge_journals()
         distributed.sync()
         if not here.leader:

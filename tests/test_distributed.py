@@ -141,9 +141,8 @@ def test_calibrate_killed_on_two_ranks_resumes_on_three_with_the_same_bytes(reci
 def test_an_error_on_every_rank_is_one_line_and_changes_nothing(reference, tmp_path):
     run = _copy(reference, tmp_path / "refused", "calibrate", "klt-svd")
     before = sorted(p.name for p in (run).rglob("*"))
-    output = finish(torchrun(2, "vq", "--run", run, "--device", "cuda"), code=1)
-    assert "error: --device cuda asked for, but no CUDA device is visible" in output
-    assert "Traceback" not in output
+    output = finish(torchrun(2, "vq", "--run", run, "--device", "cuda"), code=1)  # torchrun's own status
+    assert output.count("error: --device cuda asked for, but no CUDA device is visible") == 1, output
     assert sorted(p.name for p in run.rglob("*")) == before
 
 

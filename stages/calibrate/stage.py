@@ -47,6 +47,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     source = ModelSource(resolved.model)
     device = pick_device(settings.device)
     tokens = _calibration_tokens(source, settings)
+    Blocks.here(tokens.shape[0], settings.batch_size)  # under torchrun, enough blocks for every rank: before any write
     stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint(), data=data_fingerprint(settings.data),
                           tokens_sha256=sha256_bytes(tokens.numpy().tobytes()), compute=torch.device(device).type)
     if stage.complete:
