@@ -35,9 +35,10 @@ def _env() -> dict:
 def torchrun(ranks: int, *args, script: list[str] | None = None) -> subprocess.Popen:
     """A torchrun job of `ranks` processes on a free port, running `kbvq ARGS` (or `script` ARGS)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone"]
-    program = ["--no-python", sys.executable, *script] if script else ["-m", "kbvq_cli"]
-    # `--` keeps torchrun from reading kbvq's own options (`--run` would abbreviate its `--run-path`)
-    return subprocess.Popen([*launcher, *program, "--", *map(str, args)], env=_env(), stdout=subprocess.PIPE,
+    # `--` keeps torchrun from reading kbvq's own options (`--run` would abbreviate its `--run-path`); torchrun
+    # drops the first `--` of its command
+    program = ["--no-python", "--", sys.executable, *script] if script else ["-m", "kbvq_cli", "--"]
+    return subprocess.Popen([*launcher, *program, *map(str, args)], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
