@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KBVQ   := $(VENV)/bin/kbvq
 
-.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 5 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode clean
+.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 5 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode bench-distributed clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,11 @@ bench-vq: install
 
 bench-stages: install
 	$(PY) benchmarks/bench_stages.py
+
+# calibrate and vq at world sizes 1 and 2 under torchrun (gloo, CPU), side by side; BENCH_DISTRIBUTED_ARGS=
+# "--ranks 4 --threads 4 --device cuda" on a machine with 4 GPUs, for example.
+bench-distributed: install
+	$(PY) benchmarks/bench_distributed.py $(BENCH_DISTRIBUTED_ARGS)
 
 # Decode/prefill speed and memory of packed models against their originals (CPU); the models it builds and
 # quantizes are cached in .cache/bench-decode/. BENCH_DECODE_ARGS="--threads 2 --repeats 5" for example.

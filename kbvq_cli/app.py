@@ -47,10 +47,13 @@ def user_errors():
     from kbvq_cli.console import info
     from kbvq_cli.disk_errors import write_error
 
+    from kbvq_cli.distributed import leave_on_error, shutdown
+
     try:
         yield
     except KbvqError as error:
-        print_error(str(error))
+        if leave_on_error(error):  # under torchrun a rank whose peer failed leaves quietly
+            print_error(str(error))
         raise typer.Exit(2) from None
     except Exception as error:  # a mkdir, copy or figure that hit ENOSPC/EROFS/EACCES outside atomic_write
         translated = write_error(error)
@@ -61,6 +64,8 @@ def user_errors():
     except KeyboardInterrupt:
         info("interrupted; rerun the same command to resume where it stopped")
         raise typer.Exit(130) from None
+    finally:
+        shutdown()  # torchrun's processes leave their process group before they exit
 
 
 def run_stage(stage: str, *, run, recipe, model=None, restart=False, allow_thread_change=False,

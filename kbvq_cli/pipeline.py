@@ -3,6 +3,8 @@
 A recipe naming `calibration: DIR` shares that run's calibrate stage (the expensive pass, one per
 model): calibrate runs (or resumes, or is found finished) in DIR, and `RUN/calibrate` is a symbolic
 link to it, so every later stage and command reads it as its own.
+
+Under torchrun every rank runs the recipe: each distributed stage in turn, and eval on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from kbvq_cli.recipe import load_recipe, model_short_name, resolve_stage, valida
 from kbvq_cli.registry import STAGES, pipeline_stages
 from kbvq_cli.run_lock import run_lock
 from kbvq_cli.settings import settings_dict
+
+
+# Stages that do not run under torchrun: `kbvq run` runs them on rank 0 alone (eval writes one results
+# file and scores one model).
+SINGLE_PROCESS = ("eval",)
 
 
 def run_dir_of(recipe, run: str | None) -> str:
@@ -44,8 +51,23 @@ def run_recipe(recipe_path: str, run: str | None, *, dry_run: bool = False, allo
                 continue
             stage = resolve_stage(name, run=run_dir, recipe_path=recipe_path, model=None, overrides={},
                                   allow_thread_change=allow_thread_change)
+            if name in SINGLE_PROCESS:
+                run_on_rank_zero(lambda: STAGES[name].runner_function()(stage, restart=False))
+                continue
             STAGES[name].runner_function()(stage, restart=False)
     return Path(run_dir)
+
+
+def run_on_rank_zero(step) -> None:
+    """Under torchrun, `step` on rank 0 while the other ranks wait (a stage that is not distributed)."""
+    from kbvq_cli import distributed
+
+    if distributed.world().leader:
+        try:
+            step()
+        except Exception as error:
+            distributed.sync(error)
+    distributed.sync()
 
 
 def run_shared_calibration(recipe_path: str, calibration: str, run_dir: Path, allow_thread_change: bool = False
@@ -55,8 +77,21 @@ def run_shared_calibration(recipe_path: str, calibration: str, run_dir: Path, al
                           allow_thread_change=allow_thread_change)
     with run_lock(Path(calibration)):  # the shared directory is another run's too: one writer at a time
         STAGES["calibrate"].runner_function()(stage, restart=False)
+    from kbvq_cli import distributed
+
     target = (Path(calibration) / "calibrate").resolve()
     link = run_dir / "calibrate"
+    if not distributed.world().leader:
+        distributed.sync()  # rank 0 makes the link; the next stage reads through it
+        return
+    try:
+        _link_calibration(link, target, run_dir)
+    except Exception as error:
+        distributed.sync(error)
+    distributed.sync()
+
+
+def _link_calibration(link: Path, target: Path, run_dir: Path) -> None:
     if link.is_symlink() and link.resolve() == target:
         return
     if link.exists() or link.is_symlink():

@@ -55,6 +55,12 @@ _held: dict[str, _Held] = {}  # realpath of a run directory -> this process's ho
 @contextmanager
 def run_lock(run_dir: Path, command: str | None = None) -> Iterator[None]:
     """Hold the lock of `run_dir` (created if needed) for the block; `command` is what others are told."""
+    from kbvq_cli.distributed import world
+
+    here = world()
+    if here.distributed and not here.leader:  # one torchrun job is one writer: rank 0 holds the lock for it
+        yield
+        return
     key = os.path.realpath(run_dir)
     if key in _held:
         _held[key].depth += 1

@@ -5,6 +5,12 @@ Protocol (shard first, manifest last):
 2. the manifest, listing every finished unit with its hash, is rewritten atomically.
 A killed run therefore loses at most the shard in flight; anything not in the manifest does not exist.
 
+Under torchrun (`kbvq_cli.distributed`) every rank writes its own units, and a manifest rewritten by
+several processes would lose commits, so each rank commits to its own journal instead
+(`journal-rank-RRR.json`: the units, aux files and state it committed, atomically rewritten after each
+shard) and rank 0 alone merges the journals into the manifest: at the stage's sync point, and on any
+resume, whatever world size the rerun has. A killed rank still loses at most the shard in flight.
+
 The manifest also records the hash of the whole resolved stage config and of the stage's inputs
 (model files, data selection, upstream manifests). Reopening a directory whose config or inputs
 differ is refused, naming what changed, unless the caller asks for a restart.
@@ -23,6 +29,7 @@ from kbvq_cli.hashing import canonical_json, hash_json, sha256_file
 from kbvq_cli.provenance import changed_refusal
 
 MANIFEST = "manifest.json"
+JOURNALS = "journal-rank-*.json"
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,10 @@ class StageDir:
         self.path = Path(path)
         self.manifest = manifest
         self._pending: str | None = None  # what `begin_write` has still to write
+        self.journal: Path | None = None  # where this rank commits under torchrun (`journal_to`)
+        self._journal_base: set[str] = set()  # units the manifest held when journalling began
+        self.follower = False  # a rank other than 0 after the sync point: it commits nothing
+        self._merged: list[Path] = []  # journals folded into the manifest on open, deleted once it is committed
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -88,6 +99,7 @@ class StageDir:
         existing = read_manifest(path)
         cls._refuse_if_changed(path, stage, existing, fresh)
         stage_dir = cls(path, existing)
+        stage_dir._merged = merge_journals(path, existing)  # a distributed run's commits, before verifying them
         stage_dir._verify_own_files()
         # A complete, verified stage is only read: it may sit on a read-only disk.
         stage_dir._pending = None if stage_dir.complete else "resume"
@@ -102,10 +114,15 @@ class StageDir:
         if pending in ("restart", "create"):
             self.path.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.path)
+            for journal in self.path.glob(JOURNALS):  # of a manifest that is gone: nothing to merge into
+                journal.unlink(missing_ok=True)
             self._commit()
         elif pending == "resume":
             remove_stale_temps(self.path)
             self._remove_orphans()
+            if self._merged:
+                self._commit()  # the merged units are committed in the manifest: their journals can go
+                self._drop_journals(self._merged)
         return self
 
     @staticmethod
@@ -204,7 +221,34 @@ class StageDir:
         return FileRecord(filename, sha256_file(target), target.stat().st_size)
 
     def _commit(self) -> None:
+        if self.follower:
+            return
+        if self.journal is not None:
+            units = {name: record for name, record in self.manifest["units"].items()
+                     if name not in self._journal_base}
+            atomic_write_json(self.journal, {"config_hash": self.manifest["config_hash"],
+                                             "inputs_hash": self.manifest["inputs_hash"], "units": units,
+                                             "aux": self.manifest["aux"], "state": self.manifest["state"]})
+            return
         atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    # ---------------------------------------------------------------- torchrun
+    def journal_to(self, rank: int) -> None:
+        """Commit to this rank's journal from now on, not to the manifest (see the module docstring)."""
+        self.journal = self.path / f"journal-rank-{rank:03d}.json"
+        self._journal_base = set(self.manifest["units"])
+
+    def merge_journals(self) -> None:
+        """Rank 0 at the sync point: fold every rank's journal into the manifest, commit it, delete them."""
+        self.journal = None
+        found = merge_journals(self.path, self.manifest)
+        self._commit()
+        self._drop_journals(found)
+
+    @staticmethod
+    def _drop_journals(journals: list[Path]) -> None:
+        for journal in journals:
+            journal.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- reading
     def read_unit(self, name: str, device: str = "cpu") -> dict:
@@ -265,6 +309,25 @@ class StageDir:
 
             warn(f"{self.stage}: {len(bad)} file(s) failed verification and will be redone: {', '.join(bad[:5])}")
             self.manifest["complete"] = False
+
+
+def merge_journals(path: Path, manifest: dict) -> list[Path]:
+    """Fold the journals in `path` made for this manifest's config and inputs into `manifest` (in memory),
+    in rank order; the journals read. One made for other settings (left by a refused rerun) is ignored."""
+    found = []
+    for journal in sorted(Path(path).glob(JOURNALS)):
+        try:
+            entries = json.loads(journal.read_text())
+        except (OSError, ValueError):  # torn it cannot be (atomic), unreadable it may: its shards are redone
+            continue
+        if (entries.get("config_hash"), entries.get("inputs_hash")) != (manifest["config_hash"],
+                                                                        manifest["inputs_hash"]):
+            continue
+        manifest["units"].update(entries.get("units", {}))
+        manifest.setdefault("aux", {}).update(entries.get("aux", {}))
+        manifest.setdefault("state", {}).update(entries.get("state", {}))
+        found.append(journal)
+    return found
 
 
 def read_manifest(path: Path) -> dict:

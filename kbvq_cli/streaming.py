@@ -19,11 +19,13 @@ def pick_device(requested: str) -> str:
     """'auto' means CUDA when present, else CPU (our users run on one GPU, CI on CPU)."""
     from kbvq_cli.errors import KbvqError
 
+    from kbvq_cli.distributed import local_device
+
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return local_device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise KbvqError(f"--device {requested} asked for, but no CUDA device is visible; use --device cpu")
-    return requested
+    return local_device(requested)  # under torchrun `cuda` is this rank's own GPU
 
 
 class LayerStreamer:

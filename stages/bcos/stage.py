@@ -44,7 +44,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
         return _finish(stage, layers)
     with progress_bar() as progress:
         task = progress.add_task("bcos layers", total=len(layers))
-        for index in layers:
+        for index in stage.mine(layers, layer_unit):  # under torchrun, this rank's layers
             name = layer_unit(index)
             if not stage.dir.has_unit(name):
                 experts = layer_experts(source, index, torch.float32, device)
@@ -84,6 +84,7 @@ def correct_layer(experts: LayerExperts, quantized: dict, stats: CalibrationLaye
 
 
 def _finish(stage: StageRun, layers: list[int]) -> dict:
+    stage.gather()  # under torchrun: every rank's units
     metas = [BcosLayerMeta.from_json(stage.dir.read_metadata(layer_unit(i))) for i in layers]
     before = [m.error_before for m in metas if m.error_before is not None]
     after = [m.error_after for m in metas if m.error_after is not None]

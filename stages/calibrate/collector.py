@@ -76,6 +76,7 @@ class LayerStatsCollector:
         x2d = hidden.reshape(-1, hidden.shape[-1])
         self._observe(BLOCK, x2d)
         x = x2d.float()
+        pooled = None  # this batch's pooled sum, added once: sums go batch by batch (any world size alike)
         for expert, tokens in enumerate(routed_tokens(top_k_index, self.num_experts)):
             if tokens.numel() == 0:
                 continue
@@ -84,7 +85,9 @@ class LayerStatsCollector:
             h = expert_intermediate(x_expert, module.gate_up_proj[expert].float(), module.act_fn)
             self.down.add(h, expert)
             if not self.expert_second_moments:
-                self.pooled_down += (h.T @ h).double()
+                pooled = (h.T @ h).double() if pooled is None else pooled + (h.T @ h).double()
+        if pooled is not None:
+            self.pooled_down += pooled
 
     def close(self) -> None:
         for handle in self.handles:

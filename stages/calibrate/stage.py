@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kbvq_cli.activations import commit_layer, plan_layers
+from kbvq_cli.data_parallel import Blocks
 from kbvq_cli.console import progress_bar, warn
 from kbvq_cli.data import data_fingerprint, load_documents, sample_sequences
 from kbvq_cli.hashing import sha256_bytes
@@ -27,6 +28,7 @@ from kbvq_cli.streaming import LayerStreamer, pick_device
 from kbvq_cli.stage_run import StageRun
 from stages.calibrate.config import CalibrateSettings
 from stages.calibrate.collector import LayerStatsCollector
+from stages.calibrate.parallel import record_in_rounds
 
 STAGE = "calibrate"
 
@@ -45,6 +47,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     source = ModelSource(resolved.model)
     device = pick_device(settings.device)
     tokens = _calibration_tokens(source, settings)
+    Blocks.here(tokens.shape[0], settings.batch_size)  # under torchrun, enough blocks for every rank: before any write
     stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint(), data=data_fingerprint(settings.data),
                           tokens_sha256=sha256_bytes(tokens.numpy().tobytes()), compute=torch.device(device).type)
     if stage.complete:
@@ -61,7 +64,8 @@ def _calibrate_layers(stage: StageRun, source: ModelSource, settings: CalibrateS
     stage_dir = stage.dir
     streamer = LayerStreamer(source, device)
     todo = [index for index in range(source.num_layers) if not stage_dir.has_unit(layer_unit(index))]
-    plan = plan_layers(stage_dir, todo, lambda: streamer.embed(tokens))
+    blocks = Blocks.here(tokens.shape[0], settings.batch_size)  # under torchrun, this rank's sequences
+    plan = plan_layers(stage_dir, todo, lambda: streamer.embed(blocks.select(tokens)), blocks)
     starved = dict(stage_dir.manifest["state"].get("starved", {}))
     if plan is None:  # every shard is there (e.g. killed between the last shard and the final commit)
         return _finish(stage, source, starved, 0)
@@ -72,23 +76,31 @@ def _calibrate_layers(stage: StageRun, source: ModelSource, settings: CalibrateS
             layer = streamer.build_layer(index)
             unit = None
             if index in plan.todo:
-                hidden, unit, starved_here = _record_layer(streamer, layer, index, hidden, source, settings, device)
+                hidden, unit, starved_here = _record_layer(streamer, layer, index, hidden, source, settings, device,
+                                                           blocks)
                 starved.pop(str(index), None)
                 if starved_here:
                     starved[str(index)] = starved_here
             else:
                 hidden = _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)
-            commit_layer(stage_dir, index, unit, None if plan.is_last(index) else hidden, {"starved": starved})
+            commit_layer(stage_dir, index, unit, None if plan.is_last(index) else hidden, {"starved": starved},
+                         blocks)
             del layer
             progress.advance(task)
     return _finish(stage, source, starved, len(todo))
 
 
-def _record_layer(streamer, layer, index: int, hidden, source: ModelSource, settings: CalibrateSettings, device):
-    """Run one layer with the statistics hooks: (its output, its unit, its starved experts)."""
+def _record_layer(streamer, layer, index: int, hidden, source: ModelSource, settings: CalibrateSettings, device,
+                  blocks: Blocks):
+    """Run one layer with the statistics hooks: (its output, its unit, its starved experts). Under
+    torchrun each rank runs its blocks and the sums are added in block order (`record_in_rounds`)."""
     collector = LayerStatsCollector(layer, source.adapter, source.num_experts, settings.expert_second_moments)
     try:
-        hidden = _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)
+        if blocks.ranks == 1:
+            hidden = _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)
+        else:
+            forward = lambda batch: _forward_layer(streamer, layer, index, batch, settings.batch_size, device)  # noqa: E731
+            hidden = record_in_rounds(collector, forward, hidden, blocks)
     finally:
         collector.close()
     starved_here = collector.starved_experts(settings.min_expert_tokens)

@@ -50,7 +50,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
                 continue
             experts = layer_experts(source, index, torch.float32, device)
             stats = calibration.layer(index, device)
-            for expert in todo:
+            for expert in stage.mine(todo, lambda e: expert_unit(index, e)):  # under torchrun
                 progress.update(task, description=f"{settings.method} layer {index} expert {expert}")
                 if expert in experts.expert_ids():  # e.g. no shared expert in this layer
                     unit, meta = quantize_expert(experts, stats, index, expert, settings)
@@ -90,6 +90,7 @@ def expert_hessian(stats: CalibrationLayer, projection: str, expert, shared_path
 
 
 def _finish(stage: StageRun, settings: GptqSettings, layers: int) -> dict:
+    stage.gather()  # under torchrun: every rank's units
     metas = [ScalarExpertMeta.from_json(stage.dir.read_metadata(name)) for name in stage.dir.unit_names()]
     errors = [value for meta in metas for value in meta.output_error.values()]
     starved = [f"{meta.layer}.{meta.expert}" for meta in metas if meta.starved]

@@ -43,17 +43,17 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     if stage.complete:
         return stage.skip()
     moe_layers = [i for i in range(source.num_layers) if calibration.layer_is_moe(i)]
-    captured = []
     with progress_bar() as progress:
         task = progress.add_task("klt-svd layers", total=len(moe_layers))
-        for index in moe_layers:
+        for index in stage.mine(moe_layers, layer_unit):  # under torchrun, this rank's layers
             name = layer_unit(index)
             if not stage.dir.has_unit(name):
                 experts = layer_experts(source, index, torch.float32, device)
                 tensors, parts = decompose_layer(experts, calibration.layer(index, device), settings)
                 stage.dir.write_unit(name, tensors, KltLayerMeta(index, parts).to_json())
-            captured.extend(part.rho_k for part in read_layer_meta(stage.dir, index).parts.values())
             progress.advance(task)
+    stage.gather()
+    captured = [part.rho_k for index in moe_layers for part in read_layer_meta(stage.dir, index).parts.values()]
     mean_rho = sum(captured) / max(len(captured), 1)
     summary = {"layers": len(moe_layers), "seconds": round(stage.seconds, 3), "mean_rho_k": round(mean_rho, 6),
                "mean_relative_output_error_of_shared_part": round(1 - mean_rho, 6)}

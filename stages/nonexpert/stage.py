@@ -50,7 +50,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     if settings.method != "none":
         with progress_bar() as progress:
             task = progress.add_task("nonexpert layers", total=source.num_layers)
-            for index in range(source.num_layers):
+            for index in stage.mine(list(range(source.num_layers)), layer_unit):  # under torchrun
                 if not stage.dir.has_unit(layer_unit(index)):
                     matrices, meta = quantize_layer(source, calibration, index, settings)
                     stage.dir.write_unit(layer_unit(index), layer_tensors(matrices), meta.to_json())
@@ -75,6 +75,7 @@ def quantize_layer(source: ModelSource, calibration: Calibration, index: int, se
 
 
 def _finish(stage: StageRun, settings: NonExpertSettings) -> dict:
+    stage.gather()  # under torchrun: every rank's units
     linears = [meta for name in stage.dir.unit_names()
                for meta in NonExpertLayerMeta.from_json(stage.dir.read_metadata(name)).linears.values()]
     errors = [meta.output_error for meta in linears]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from kbvq_cli import distributed
 from kbvq_cli.console import info, progress_bar
 from kbvq_cli.experts import PROJECTIONS, SHARED
 from kbvq_cli.model_files import ModelSource
@@ -53,6 +54,8 @@ def run(resolved: ResolvedStage, restart: bool = False, out: str | None = None) 
         nonexpert = NonExpertCodes(resolved.run_dir) if "nonexpert" in stage.upstream else None
         stage.dir.commit_aux({}, {SOURCE_KEY: resolved.model})
         _pack_all(stage, source, packer, nonexpert, settings)
+    if not distributed.world().leader:  # rank 0 writes the side files and the copy
+        return stage.dir.manifest["summary"]
     write_side_files(stage.dir, source.path, packer.quantization_config(source),
                      run_card_rows(resolved.run_dir, stage.dir))
     summary = stage.dir.manifest["summary"]
@@ -209,7 +212,9 @@ def _pack_all(stage: StageRun, source: ModelSource, packer, nonexpert: NonExpert
     stage_dir, quantized_layers = stage.dir, set(packer.layers)
     with progress_bar() as progress:
         task = progress.add_task("pack layers", total=source.num_layers + 1)
-        for index in range(source.num_layers):
+        # under torchrun, this rank's share of the layers and the rest (embeddings, head)
+        share = stage.mine([*range(source.num_layers), REST_UNIT], lambda i: i if i == REST_UNIT else layer_unit(i))
+        for index in (i for i in share if i != REST_UNIT):
             name = layer_unit(index)
             if not stage_dir.has_unit(name):
                 progress.update(task, description=f"pack layer {index}")
@@ -221,13 +226,14 @@ def _pack_all(stage: StageRun, source: ModelSource, packer, nonexpert: NonExpert
                 meta = replace(meta, storage=unit_storage(tensors, meta))
                 stage_dir.write_unit(name, tensors, meta.to_json())
             progress.advance(task)
-        if not stage_dir.has_unit(REST_UNIT):
+        if REST_UNIT in share and not stage_dir.has_unit(REST_UNIT):
             tensors = {name: _convert(source.tensor(name), settings.unquantized_dtype)
                        for name in source.weight_map if not name.startswith(source.adapter.layers_prefix + ".")}
             source.release()
             stage_dir.write_unit(REST_UNIT, tensors, PackedUnitMeta(storage=unit_storage(tensors, PackedUnitMeta()))
                                  .to_json())
-        progress.advance(task)
+        progress.advance(task, int(REST_UNIT in share))
+    stage.gather()
     tally = StorageTally.from_units(stage_dir)
     stage.finish({"seconds": round(stage.seconds, 3), "storage": finish_storage(tally, stage_dir.path, source)})
 

@@ -58,7 +58,8 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
             absent = [e for e in todo if e not in experts.expert_ids()]  # e.g. no shared expert in this layer
             progress.advance(task, len(absent))
             todo = [e for e in todo if e not in absent]
-            for group in _groups(todo, settings.expert_batch if settings.backend == "torch" else 1):
+            groups = _groups(todo, settings.expert_batch if settings.backend == "torch" else 1)
+            for group in stage.mine(groups, lambda g: expert_unit(index, g[0]), cost=len):  # under torchrun
                 progress.update(task, description=f"vq layer {index} expert {group[0]}")
                 for unit, meta in quantize_group(experts, parts, stats, index, group, settings, backend):
                     stage.dir.write_unit(expert_unit(index, meta.expert), unit.to_tensors(), meta.to_json())
@@ -67,6 +68,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
 
 
 def _finish(stage: StageRun, settings: VqSettings, layers: int) -> dict:
+    stage.gather()  # under torchrun: every rank's units
     metas = [VqExpertMeta.from_json(stage.dir.read_metadata(name)) for name in stage.dir.unit_names()]
     mean = lambda key: sum(v for m in metas for v in getattr(m, key).values()) / max(3 * len(metas), 1)  # noqa: E731
     summary = {"layers": layers, "units": len(metas), "seconds": round(stage.seconds, 3),
