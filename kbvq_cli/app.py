@@ -272,16 +272,27 @@ def evaluate(
 
 @app.command("run")
 def run_all(
-    recipe: Annotated[str, typer.Option("--recipe", help="Recipe YAML naming the model and every stage's settings.")],
+    recipe: RecipeOption = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="A preset instead of a recipe: kbvq-w2, kbvq-w3, "
+                      "vq-w2, gptq-w2g128, rtn-w2, kbvq-w2-plus, kbvq-w3-plus (with --model).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="With --preset: hub id or model directory.")] = None,
     run: RunOption = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="With --preset: calibration data.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="With --preset: calibration sequences.")] = None,
+    seqlen: Annotated[Optional[int], typer.Option(
+        "--seqlen", help="With --preset: tokens per calibration sequence and perplexity window.")] = None,
+    ppl_data: Annotated[Optional[str], typer.Option("--ppl-data", help="With --preset: perplexity text.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="With --preset: zero-shot tasks, or none.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and print the plan; run nothing.")] = False,
     allow_thread_change: ThreadsOption = False,
 ) -> None:
-    """Run every stage of a recipe in order, resuming whatever is already done."""
+    """Run every stage of a recipe (or of a preset on --model; the packed model lands in RUN/pack) in order,
+    resuming whatever is already done."""
     with user_errors():
-        from kbvq_cli.pipeline import run_recipe
+        from kbvq_cli.pipeline import run_command
 
-        run_recipe(recipe, run, dry_run=dry_run, allow_thread_change=allow_thread_change)
+        run_command(recipe, preset, model, run, dict(data=data, samples=samples, seqlen=seqlen, ppl_data=ppl_data,
+                    tasks=tasks), dry_run=dry_run, allow_thread_change=allow_thread_change)
 
 
 @app.command()
