@@ -131,13 +131,16 @@ def vq(
     seed: Annotated[Optional[int], typer.Option("--seed", help="k-means++ seed (default 42).")] = None,
     error_feedback: Annotated[Optional[bool], typer.Option(
         "--error-feedback/--no-error-feedback", help="GPTQ-style error feedback in the assignment (GPTVQ, Table 5).")] = None,
+    objective: Annotated[Optional[str], typer.Option("--objective", help="weight (k-means, the paper) or output "
+                         "(then Lloyd weighted by the input moments).")] = None,
+    refine_iters: Annotated[Optional[int], typer.Option("--refine-iters", help="Least-squares codebook rounds under C.")] = None,
     device: DeviceOption = None,
     restart: RestartOption = False,
     allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Vector-quantize each expert's specific part with its own k-means codebook."""
     overrides = dict(bits=bits, dim=dim, iters=iters, backend=backend, seed=seed, device=device,
-                     error_feedback=error_feedback)
+                     error_feedback=error_feedback, objective=objective, refine_iters=refine_iters)
     run_stage("vq", run=run, recipe=recipe, restart=restart,
               allow_thread_change=allow_thread_change, overrides=overrides)
 
