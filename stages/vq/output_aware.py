@@ -171,8 +171,11 @@ def output_aware_codes(weight: torch.Tensor, codebook: torch.Tensor, indices: to
     best = (output_error_of(weight, codebook, indices, c), codebook, indices)
     for _ in range(settings.refine_iters):
         codebook = stored(least_squares_codebook(weight, codebook, indices, c))
-        indices = assign(codebook)
-        found = output_error_of(weight, codebook, indices, c)
-        if found < best[0]:
-            best = (found, codebook, indices)
+        # the new codebook with the codes it was fitted to (never worse, but for the float16 rounding),
+        # then with the codes re-assigned to it (which may be worse in the full C): the best is kept
+        for candidate in (indices, assign(codebook)):
+            found = output_error_of(weight, codebook, candidate, c)
+            if found < best[0]:
+                best = (found, codebook, candidate)
+        indices = candidate
     return best[1].to(CODEBOOK_DTYPE), best[2]
