@@ -30,12 +30,13 @@ ARMS: dict[str, dict] = {
     "output+refine": {"vq": {"objective": "output", "refine_iters": 4}},
     "ef": {"vq": {"error_feedback": True}},
     "ef+refine": {"vq": {"error_feedback": True, "refine_iters": 4}},
+    "ef+output": {"vq": {"error_feedback": True, "objective": "output"}},
     "ef+output+refine": {"vq": {"error_feedback": True, "objective": "output", "refine_iters": 4}},
     "bcos-only": {"klt-svd": {"rank": 0}},
     "bcos-only+ef+output+refine": {"klt-svd": {"rank": 0},
                                    "vq": {"error_feedback": True, "objective": "output", "refine_iters": 4}},
 }
-DEFAULT_ARMS = "kbvq-w2,output,refine,output+refine,ef,ef+refine,ef+output+refine"
+DEFAULT_ARMS = "kbvq-w2,output,refine,output+refine,ef,ef+output,ef+refine,ef+output+refine"
 
 
 def _retarget(recipe: dict, family: str, testbed: str) -> dict:
