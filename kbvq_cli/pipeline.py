@@ -43,13 +43,15 @@ def run_command(recipe_path: str | None, preset: str | None, model: str | None, 
     calibrate = {key: options.get(key) for key in ("data", "samples", "seqlen")}
     evaluate = {key: options.get(key) for key in ("ppl_data", "seqlen", "tasks")}
     built = preset_recipe(preset, model, run, calibrate, evaluate)
-    return run_recipe(None, built.run, recipe=built, dry_run=dry_run, allow_thread_change=allow_thread_change)
+    return run_recipe(None, built.run, recipe=built, where=f"preset {preset}", dry_run=dry_run,
+                      allow_thread_change=allow_thread_change)
 
 
 def run_recipe(recipe_path: str | None, run: str | None, *, dry_run: bool = False, allow_thread_change: bool = False,
-               recipe: Recipe | None = None) -> Path:
-    """Run (or with `dry_run` validate and print) the recipe file `recipe_path`, or the in-memory `recipe`."""
-    where = f"recipe {recipe_path}" if recipe is None else recipe.description.split(":")[0]
+               recipe: Recipe | None = None, where: str | None = None) -> Path:
+    """Run (or with `dry_run` validate and print) the recipe file `recipe_path`, or the in-memory `recipe`
+    (`where` names it in messages)."""
+    where = where or f"recipe {recipe_path}"
     recipe = load_recipe(Path(recipe_path)) if recipe is None else recipe
     resolved = validate_recipe(recipe, where)
     if recipe.model is None:
