@@ -11,7 +11,6 @@ import torch
 from kbvq_cli.testbed import build, corpus
 from kbvq_cli.testbed.model import Variant, new_model
 from kbvq_cli.testbed.upcycle import UPCYCLED, UpcycledVariant, upcycle
-from kbvq_cli.testbed.upcycle import train_upcycled  # noqa: F401  (the build's entry point)
 
 TINY = Variant(
     name="tiny", hidden_size=32, num_layers=2, num_heads=2, moe_intermediate_size=16,
