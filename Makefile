@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KBVQ   := $(VENV)/bin/kbvq
 
-.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 5 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode bench-distributed clean
+.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 5 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode bench-distributed plus-ablation clean
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,11 @@ bench-distributed: install
 # quantizes are cached in .cache/bench-decode/. BENCH_DECODE_ARGS="--threads 2 --repeats 5" for example.
 bench-decode: install testbed-mini
 	$(PY) benchmarks/bench_decode.py $(BENCH_DECODE_ARGS)
+
+# What each output-aware VQ option adds to the paper's 2-bit KBVQ, one k-means seed (benchmarks/plus_ablation.py):
+# PLUS_ARGS="--testbed testbed-upcycled-mini --arms kbvq-w2,bcos-only" for another test-bed of the mini's size.
+plus-ablation: install testbed-mini
+	$(PY) benchmarks/plus_ablation.py $(PLUS_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

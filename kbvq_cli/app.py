@@ -94,12 +94,14 @@ def calibrate(
     device: DeviceOption = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")] = None,
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of the data.")] = None,
+    routing: Annotated[Optional[str], typer.Option("--routing", help="model (each expert's routed tokens, the "
+                       "paper) or all (every expert's statistics over every token).")] = None,
     restart: RestartOption = False,
     allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Record the calibration statistics of docs/method.md §1, layer by layer, streaming the model."""
     overrides = dict(data=data, samples=samples, seqlen=seqlen, seed=seed, device=device,
-                     batch_size=batch_size, text_field=text_field)
+                     batch_size=batch_size, text_field=text_field, routing=routing)
     run_stage("calibrate", run=run, recipe=recipe, model=model, restart=restart,
               allow_thread_change=allow_thread_change, overrides=overrides)
 
@@ -136,13 +138,16 @@ def vq(
     seed: Annotated[Optional[int], typer.Option("--seed", help="k-means++ seed (default 42).")] = None,
     error_feedback: Annotated[Optional[bool], typer.Option(
         "--error-feedback/--no-error-feedback", help="GPTQ-style error feedback in the assignment (GPTVQ, Table 5).")] = None,
+    objective: Annotated[Optional[str], typer.Option("--objective", help="weight (k-means, the paper) or output "
+                         "(then Lloyd weighted by the input moments).")] = None,
+    refine_iters: Annotated[Optional[int], typer.Option("--refine-iters", help="Least-squares codebook rounds under C.")] = None,
     device: DeviceOption = None,
     restart: RestartOption = False,
     allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Vector-quantize each expert's specific part with its own k-means codebook."""
     overrides = dict(bits=bits, dim=dim, iters=iters, backend=backend, seed=seed, device=device,
-                     error_feedback=error_feedback)
+                     error_feedback=error_feedback, objective=objective, refine_iters=refine_iters)
     run_stage("vq", run=run, recipe=recipe, restart=restart,
               allow_thread_change=allow_thread_change, overrides=overrides)
 
@@ -277,16 +282,27 @@ def evaluate(
 
 @app.command("run")
 def run_all(
-    recipe: Annotated[str, typer.Option("--recipe", help="Recipe YAML naming the model and every stage's settings.")],
+    recipe: RecipeOption = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="A preset instead of a recipe: kbvq-w2, kbvq-w3, "
+                      "vq-w2, gptq-w2g128, rtn-w2, kbvq-w2-plus, kbvq-w3-plus (with --model).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="With --preset: hub id or model directory.")] = None,
     run: RunOption = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="With --preset: calibration data.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="With --preset: calibration sequences.")] = None,
+    seqlen: Annotated[Optional[int], typer.Option(
+        "--seqlen", help="With --preset: tokens per calibration sequence and perplexity window.")] = None,
+    ppl_data: Annotated[Optional[str], typer.Option("--ppl-data", help="With --preset: perplexity text.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="With --preset: zero-shot tasks, or none.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and print the plan; run nothing.")] = False,
     allow_thread_change: ThreadsOption = False,
 ) -> None:
-    """Run every stage of a recipe in order, resuming whatever is already done."""
+    """Run every stage of a recipe (or of a preset on --model; the packed model lands in RUN/pack) in order,
+    resuming whatever is already done."""
     with user_errors():
-        from kbvq_cli.pipeline import run_recipe
+        from kbvq_cli.pipeline import run_command
 
-        run_recipe(recipe, run, dry_run=dry_run, allow_thread_change=allow_thread_change)
+        run_command(recipe, preset, model, run, dict(data=data, samples=samples, seqlen=seqlen, ppl_data=ppl_data,
+                    tasks=tasks), dry_run=dry_run, allow_thread_change=allow_thread_change)
 
 
 @app.command()
@@ -338,8 +354,11 @@ def table(
 @app.command()
 def testbed(
     out: Annotated[str, typer.Option("--out", help="Output directory.")] = "testbed",
-    variant: Annotated[str, typer.Option("--variant", help="full (about 10 min on 2 cores) or mini.")] = "full",
+    variant: Annotated[str, typer.Option("--variant", help="full (about 15 min on 2 cores), mini, upcycled (a dense "
+                       "model's MLP copied into every expert, then trained as an MoE) or upcycled-mini.")] = "full",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
+    compare: Annotated[Optional[str], typer.Option(
+        "--compare", help="A built test-bed whose perplexities and redundancy to record beside this one's.")] = None,
 ) -> None:
     """Build the small trained MoE test-bed model and its text splits, offline from package registries."""
     with user_errors():
@@ -347,7 +366,7 @@ def testbed(
 
         from kbvq_cli.testbed.build import build_testbed
 
-        build_testbed(Path(out), variant=variant, force=force)
+        build_testbed(Path(out), variant=variant, force=force, compare=Path(compare) if compare else None)
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kbvq_cli.presets import PRESETS
+
 
 @dataclass(frozen=True)
 class Model:
@@ -67,17 +69,31 @@ def _kbvq(bits: int, klt_svd: dict | None = None, bcos: dict | None = None) -> d
     return stages
 
 
+# Variants that are presets take the preset's definition (kbvq_cli/presets.py): one record for both.
+PRESET_VARIANTS = {"rtn-w2": "rtn-w2", "gptq-w2": "gptq-w2g128", "vq-w2": "vq-w2", "kbvq-w2": "kbvq-w2",
+                   "kbvq-w3": "kbvq-w3", "kbvq-w2-plus": "kbvq-w2-plus", "kbvq-w3-plus": "kbvq-w3-plus"}
+
+
+def _variant(name: str, method: str, bits: int, description: str, stages: dict) -> Variant:
+    """The variant `name`: the preset of that name's stages where there is one, else `stages`."""
+    if name in PRESET_VARIANTS:
+        preset = PRESETS[PRESET_VARIANTS[name]]
+        return Variant(name, preset.method, bits, description, preset.stage_settings())
+    return Variant(name, method, bits, description, stages)
+
+
 def _variants() -> list[Variant]:
     found = [Variant("fp16", "fp16", None, "the original checkpoint (FP16 row)", {"eval": {"target": "original"}})]
     for bits in (2, 3):
         found += [
-            Variant(f"rtn-w{bits}", "gptq", bits, f"RTN, {bits}-bit, per output channel, asymmetric",
-                    {"gptq": {"method": "rtn", "bits": bits, "group_size": 0}}),
-            Variant(f"gptq-w{bits}", "gptq", bits, f"GPTQ, {bits}-bit in groups of 128 ({bits}.25 bits)",
-                    {"gptq": {"method": "gptq", "bits": bits, "group_size": 128}}),
-            Variant(f"vq-w{bits}", "kbvq", bits, f"plain VQ, {bits}-bit (no IDRE, no BCOS)",
-                    _kbvq(bits, {"rank": 0}, {"mode": "none"})),
-            Variant(f"kbvq-w{bits}", "kbvq", bits, f"KBVQ-MoE, {bits}-bit (IDRE + BCOS)", _kbvq(bits)),
+            _variant(f"rtn-w{bits}", "gptq", bits, f"RTN, {bits}-bit, per output channel, asymmetric",
+                     {"gptq": {"method": "rtn", "bits": bits, "group_size": 0}}),
+            _variant(f"gptq-w{bits}", "gptq", bits, f"GPTQ, {bits}-bit in groups of 128 ({bits}.25 bits)",
+                     {"gptq": {"method": "gptq", "bits": bits, "group_size": 128}}),
+            _variant(f"vq-w{bits}", "kbvq", bits, f"plain VQ, {bits}-bit (no IDRE, no BCOS)",
+                     _kbvq(bits, {"rank": 0}, {"mode": "none"})),
+            _variant(f"kbvq-w{bits}", "kbvq", bits, f"KBVQ-MoE, {bits}-bit (IDRE + BCOS)", _kbvq(bits)),
+            _variant(f"kbvq-w{bits}-plus", "kbvq", bits, f"kbvq's best {bits}-bit recipe (preset kbvq-w{bits}-plus)", {}),
             Variant(f"idre-only-w{bits}", "kbvq", bits, f"IDRE only, {bits}-bit", _kbvq(bits, bcos={"mode": "none"})),
             Variant(f"bcos-only-w{bits}", "kbvq", bits, f"BCOS only, {bits}-bit", _kbvq(bits, {"rank": 0})),
             Variant(f"svd-no-klt-w{bits}", "kbvq", bits, f"SVD without KLT, {bits}-bit", _kbvq(bits, {"klt": False})),

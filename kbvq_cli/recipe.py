@@ -4,6 +4,7 @@
     run: runs/testbed-w2        # optional; default runs/<model name>
     method: kbvq                # kbvq (default), gptq (RTN/GPTQ baselines) or fp16: which stages run
     calibration: runs/testbed/calibration   # optional: share this run's calibrate stage (one per model)
+    preset: kbvq-w2             # optional: start from a preset's method and settings (kbvq_cli/presets.py)
     calibrate: {samples: 128, seqlen: 256}
     vq: {bits: 2}
 
@@ -23,7 +24,7 @@ from kbvq_cli.registry import METHODS, STAGES
 from kbvq_cli.settings import parse_settings, settings_dict
 
 RECIPE_FILE = "recipe.yaml"
-TOP_LEVEL_KEYS = ("model", "run", "method", "calibration", "description")
+TOP_LEVEL_KEYS = ("model", "run", "method", "calibration", "description", "preset")
 
 
 @dataclass
@@ -81,6 +82,14 @@ def load_recipe(path: Path) -> Recipe:
         stages[name] = value
     model = data.get("model")
     method = data.get("method")
+    if data.get("preset") is not None:  # the preset's settings, the file's laid over them
+        from kbvq_cli.presets import get_preset, merge_stages
+
+        try:
+            preset = get_preset(str(data["preset"]))
+        except KbvqError as error:
+            raise KbvqError(f"recipe {path}: {error}") from None
+        stages, method = merge_stages(preset.stage_settings(), stages), method or preset.method
     if method is not None and method not in METHODS:
         raise KbvqError(f"recipe {path}: method {method!r} is unknown; use one of {', '.join(METHODS)}")
     return Recipe(
@@ -123,9 +132,11 @@ def resolve_stage(
     model: str | None,
     overrides: dict[str, Any],
     allow_thread_change: bool = False,
+    recipe: Recipe | None = None,
 ) -> ResolvedStage:
-    """Apply the layers of settings for one stage and save the merged recipe into the run."""
-    file_recipe = load_recipe(Path(recipe_path)) if recipe_path else Recipe()
+    """Apply the layers of settings for one stage and save the merged recipe into the run. `recipe`, a
+    recipe built in memory (`kbvq run --preset`), takes the place of a `recipe_path` file."""
+    file_recipe = recipe if recipe is not None else load_recipe(Path(recipe_path)) if recipe_path else Recipe()
     model = model or file_recipe.model
     run_text = run or file_recipe.run
     if run_text is None:

@@ -12,14 +12,17 @@ from kbvq_cli.errors import KbvqError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kbvq_cli.testbed", description=__doc__)
     parser.add_argument("--out", default="testbed", help="output directory (default: testbed)")
-    parser.add_argument("--variant", default="full", choices=("full", "mini"),
-                        help="full: about 10 minutes on 2 cores; mini: about a minute, for CI")
+    parser.add_argument("--variant", default="full", choices=("full", "mini", "upcycled", "upcycled-mini"),
+                        help="full: about 15 minutes on 2 cores; mini: about a minute, for CI; upcycled(-mini): "
+                             "a dense model's MLP copied into every expert, then trained as an MoE")
+    parser.add_argument("--compare", help="a built test-bed to record beside this one")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     from kbvq_cli.testbed.build import build_testbed
 
     try:
-        build_testbed(Path(args.out), variant=args.variant, force=args.force)
+        build_testbed(Path(args.out), variant=args.variant, force=args.force,
+                      compare=Path(args.compare) if args.compare else None)
     except KbvqError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

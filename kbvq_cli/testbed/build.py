@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.testbed import corpus, manifest, sources
-from kbvq_cli.testbed.model import Variant, get_variant
+from kbvq_cli.testbed.model import VARIANTS, Variant
+from kbvq_cli.testbed.upcycle import UPCYCLED, UpcycledVariant
 from kbvq_cli.threads import torch_threads
 from kbvq_cli.processes import process_alive
 
@@ -85,7 +86,8 @@ def train_and_save(variant: Variant, splits: dict[str, list[str]], staging: Path
     """Train tokenizer and model on the train split, write them and the held-out texts to `staging`."""
     from kbvq_cli.testbed.model import new_model
     from kbvq_cli.testbed.tokenizer import encode_blocks, train_tokenizer
-    from kbvq_cli.testbed.train import train_model, training_sequences
+    from kbvq_cli.testbed.train import TrainingSummary, train_model, training_sequences
+    from kbvq_cli.testbed.upcycle import train_upcycled
 
     train_chars = sum(map(len, splits["train"]))
     _info(f"training the byte-level BPE tokenizer (vocab {variant.vocab_size:,}) on {train_chars / 1e6:.1f} MB "
@@ -95,9 +97,15 @@ def train_and_save(variant: Variant, splits: dict[str, list[str]], staging: Path
     sequences = training_sequences(train_ids, variant.seq_len)
     _info(f"training the {variant.name} test-bed: {train_ids.numel():,} training tokens, "
           f"{variant.steps} steps of {variant.tokens_per_step:,} tokens")
-    model = new_model(variant, tokenizer.eos_token_id)
-    with training_progress(variant.steps) as on_step:
-        summary = train_model(model, sequences, variant, on_step)
+    if isinstance(variant, UpcycledVariant):
+        _info(f"upcycling: {variant.dense_steps} dense steps, then {variant.moe_steps} steps as an MoE")
+        model, phases = train_upcycled(variant, sequences, tokenizer.eos_token_id, training_progress)
+        summary = TrainingSummary(variant.steps, variant.steps * variant.tokens_per_step,
+                                  sum(p["seconds"] for p in phases.values()), phases["moe"]["final_loss"])
+    else:
+        model, phases = new_model(variant, tokenizer.eos_token_id), None
+        with training_progress(variant.steps) as on_step:
+            summary = train_model(model, sequences, variant, on_step)
     _info(f"saving the model, tokenizer and held-out texts ({summary.tokens_per_second:,.0f} tokens/s trained)")
     model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
@@ -110,7 +118,7 @@ def train_and_save(variant: Variant, splits: dict[str, list[str]], staging: Path
         "train_seconds": round(summary.seconds, 1),
         "tokens_per_second": round(summary.tokens_per_second),
         "final_loss": summary.final_loss,
-        "loss_curve": summary.loss_curve,
+        **({"phases": phases} if phases else {"loss_curve": summary.loss_curve}),
     }
 
 
@@ -133,9 +141,34 @@ def evaluate_saved(directory: Path, seq_len: int, batch_size: int) -> dict[str, 
     return results
 
 
+def get_variant(name: str) -> Variant | UpcycledVariant:
+    """The test-bed variant called `name`: from scratch (model.py) or upcycled (upcycle.py)."""
+    if name in UPCYCLED:
+        return UPCYCLED[name]
+    if name not in VARIANTS:
+        raise KbvqError(f"unknown test-bed variant {name!r}; choose one of: {', '.join([*VARIANTS, *UPCYCLED])}")
+    return VARIANTS[name]
+
+
+def compare_record(compare: Path | None) -> dict[str, Any] | None:
+    """Another test-bed's recorded perplexities and its redundancy measured now, to stand beside this one's."""
+    if compare is None:
+        return None
+    recorded = manifest.read_manifest(compare)
+    if recorded is None:
+        raise KbvqError(f"--compare {compare} is not a built test-bed (no {manifest.MANIFEST_NAME}); build it first")
+    from kbvq_cli.redundancy import checkpoint_redundancy
+
+    return {"directory": str(compare), "variant": recorded.get("variant"),
+            "val_perplexity": recorded.get("val_perplexity"), "test_perplexity": recorded.get("test_perplexity"),
+            "redundancy": checkpoint_redundancy(str(compare))["mean"]}
+
+
 def assemble_manifest(variant: Variant, key: str, provenance: dict, training: dict, evaluation: dict,
                       staging: Path, seconds: dict[str, float]) -> dict[str, Any]:
-    """The manifest: identity and key, inputs, training record, perplexities, file hashes, timings."""
+    """The manifest: identity and key, inputs, training record, perplexities, redundancy, file hashes, timings."""
+    from kbvq_cli.redundancy import checkpoint_redundancy
+
     return {
         "format": manifest.FORMAT_VERSION,
         "variant": variant.name,
@@ -151,6 +184,7 @@ def assemble_manifest(variant: Variant, key: str, provenance: dict, training: di
         "val_perplexity": evaluation["val"]["perplexity"],
         "test_perplexity": evaluation["test"]["perplexity"],
         "evaluation": evaluation,
+        "redundancy": checkpoint_redundancy(str(staging)),
         "files": manifest.file_hashes(staging),
         "corpus_seconds": round(seconds["corpus"], 1),
         "build_seconds": round(seconds["build"], 1),
@@ -188,14 +222,16 @@ def _replace_directory(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def build_testbed(out_dir: Path, variant: str = "full", force: bool = False) -> Path:
+def build_testbed(out_dir: Path, variant: str = "full", force: bool = False, compare: Path | None = None) -> Path:
     """Build the `variant` test-bed into `out_dir` unless it is already up to date; returns `out_dir`.
+    `compare`, another built test-bed, has its perplexities and redundancy recorded beside this one's.
 
-    Raises KbvqError for an unknown variant, a non-test-bed `out_dir`, or unreachable registries.
+    Raises KbvqError for an unknown variant, a non-test-bed `out_dir` or `compare`, or unreachable registries.
     """
     spec = get_variant(variant)
     out_dir = Path(out_dir)
     _refuse_foreign_directory(out_dir)
+    beside = compare_record(Path(compare)) if compare is not None else None  # refused before any work
     threads = effective_threads(spec)
     key = manifest.build_key(spec, threads)
     if not force and manifest.is_up_to_date(out_dir, key):
@@ -216,6 +252,8 @@ def build_testbed(out_dir: Path, variant: str = "full", force: bool = False) -> 
             evaluation = evaluate_saved(staging, spec.seq_len, spec.eval_batch_size)
             seconds["build"] = time.perf_counter() - start
             record = assemble_manifest(spec, key, provenance, training, evaluation, staging, seconds)
+            if beside is not None:
+                record["compare"] = beside
         from kbvq_cli.atomic import atomic_write_json
 
         atomic_write_json(staging / manifest.MANIFEST_NAME, record)

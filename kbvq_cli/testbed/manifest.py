@@ -27,23 +27,25 @@ WEIGHT_MODULES = ("clean.py", "corpus.py", "sources.py", "tokenizer.py", "model.
 LIBRARIES = ("torch", "transformers", "tokenizers")
 
 
-def code_sha256() -> str:
-    """sha256 over the source of WEIGHT_MODULES, in that order."""
+def code_sha256(extra: tuple[str, ...] = ()) -> str:
+    """sha256 over the source of WEIGHT_MODULES and then `extra` (a variant's own modules), in that order.
+    Modules only some variants use are hashed into those variants' keys alone, so adding one does not
+    force the others to rebuild."""
     package = resources.files("kbvq_cli.testbed")  # the same bytes in a wheel as in the source tree
-    return sha256_bytes(b"".join(package.joinpath(name).read_bytes() for name in WEIGHT_MODULES))
+    return sha256_bytes(b"".join(package.joinpath(name).read_bytes() for name in (*WEIGHT_MODULES, *extra)))
 
 
 def library_versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in LIBRARIES}
 
 
-def build_key(variant: Variant, threads: int) -> str:
+def build_key(variant, threads: int) -> str:
     """Hash of everything known up front that decides the output bytes (see the module docstring)."""
     return hash_json({
         "format": FORMAT_VERSION,
         "variant": variant.to_json(),
         "threads": threads,
-        "code": code_sha256(),
+        "code": code_sha256(getattr(variant, "code_modules", ())),
         "libraries": library_versions(),
     })
 

@@ -29,8 +29,11 @@ def _identity(x: torch.Tensor) -> tuple:
 
 
 class LayerStatsCollector:
-    def __init__(self, layer: torch.nn.Module, adapter, num_experts: int, expert_second_moments: bool):
+    def __init__(self, layer: torch.nn.Module, adapter, num_experts: int, expert_second_moments: bool,
+                 routing: str = "model"):
         self.num_experts = num_experts
+        self.routing = routing  # "all": every expert's statistics over every token (CalibrateSettings.routing)
+        self.load = torch.zeros(num_experts, dtype=torch.int64)  # routed slots per expert, whatever `routing`
         self.expert_second_moments = expert_second_moments
         self.device = next(layer.parameters()).device
         self.moments: dict[str, MomentSums] = {}  # canonical consumer -> sums
@@ -77,7 +80,11 @@ class LayerStatsCollector:
         self._observe(BLOCK, x2d)
         x = x2d.float()
         pooled = None  # this batch's pooled sum, added once: sums go batch by batch (any world size alike)
-        for expert, tokens in enumerate(routed_tokens(top_k_index, self.num_experts)):
+        routed = routed_tokens(top_k_index, self.num_experts)
+        self.load += torch.tensor([tokens.numel() for tokens in routed], dtype=torch.int64)
+        if self.routing == "all":  # the statistics see every token; the layer's output stays the routed one
+            routed = [torch.arange(x.shape[0], device=x.device)] * self.num_experts
+        for expert, tokens in enumerate(routed):
             if tokens.numel() == 0:
                 continue
             x_expert = x[tokens]
@@ -107,7 +114,7 @@ class LayerStatsCollector:
         if self.gate_up is not None:
             pooled = self.down.sum_xxT.sum(0) if self.expert_second_moments else self.pooled_down
             out["experts.down.pooled_sum_xxT"] = pooled.to(dtype).cpu()
-            out["router.load"] = self.gate_up.count.cpu().clone()
+            out["router.load"] = self.load.clone()  # the same as gate_up.count under the model's routing
             out.update(self.gate_up.release("experts.gate_up", dtype))
             out.update(self.down.release("experts.down", dtype))
         return out

@@ -23,6 +23,10 @@ class CalibrateSettings:
     expert_second_moments: bool = True
     moments_dtype: Literal["float32", "float64"] = "float32"
     min_expert_tokens: int = 16  # an expert routed fewer tokens than this is reported as starved
+    # model: each expert's statistics over the tokens the model's own top-k routes to it (the paper).
+    # all: every expert's over every token (no expert starves); the layer still computes its routed
+    # output, so later layers see the real distribution, and router.load stays the routed counts.
+    routing: Literal["model", "all"] = "model"
 
     RUNTIME_KEYS = ("device",)
 

@@ -28,6 +28,8 @@ def accumulators(collector: LayerStatsCollector) -> dict[str, torch.Tensor]:
             found[f"{prefix}.sum_xxT"] = moment.sum_xxT
     if collector.pooled_down is not None:
         found["pooled_down"] = collector.pooled_down
+    if collector.gate_up is not None:  # routed slots per expert (router.load), apart from the statistics'
+        found["load"] = collector.load  # counts under `--routing all`
     return found
 
 

@@ -94,7 +94,8 @@ def _record_layer(streamer, layer, index: int, hidden, source: ModelSource, sett
                   blocks: Blocks):
     """Run one layer with the statistics hooks: (its output, its unit, its starved experts). Under
     torchrun each rank runs its blocks and the sums are added in block order (`record_in_rounds`)."""
-    collector = LayerStatsCollector(layer, source.adapter, source.num_experts, settings.expert_second_moments)
+    collector = LayerStatsCollector(layer, source.adapter, source.num_experts, settings.expert_second_moments,
+                                    settings.routing)
     try:
         if blocks.ranks == 1:
             hidden = _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)

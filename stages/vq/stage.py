@@ -26,6 +26,7 @@ from stages.vq.batched import kmeans_batched
 from stages.vq.core import codebook_size, dequantize, to_subvectors, vq_quantize
 from stages.vq.config import VqSettings
 from stages.vq.error_feedback import error_feedback_assign
+from stages.vq.output_aware import output_aware, output_aware_codes
 from stages.vq.reader import CODEBOOK_DTYPE, STAGE, VqExpertMeta, VqExpertUnit
 
 
@@ -114,7 +115,9 @@ def quantize_group(experts, parts, stats, layer: int, group: list, settings: VqS
             moments = stats.expert_input(projection, expert, experts.shared_path)
             second = moments.sum_xxT if moments.sum_xxT is not None and int(moments.count) > 0 else None
             second = second if second is not None else torch.eye(weight.shape[1], device=weight.device)
-            if settings.error_feedback:  # re-assign against the stored (16-bit) codebook, GPTVQ-style
+            if output_aware(settings):  # fitted to Tr(E C E^T): stages/vq/output_aware.py
+                codebook, codes = output_aware_codes(residual, codebook, codes, second, settings)
+            elif settings.error_feedback:  # re-assign against the stored (16-bit) codebook, GPTVQ-style
                 codes = error_feedback_assign(residual, codebook.float(), second, settings.damp)
             codebooks[expert][projection], indices[expert][projection] = codebook, codes
             approx = dequantize(codes, codebook.float(), residual.shape)
