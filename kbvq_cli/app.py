@@ -89,12 +89,14 @@ def calibrate(
     device: DeviceOption = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")] = None,
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of the data.")] = None,
+    moments: Annotated[Optional[str], typer.Option(
+        "--moments", help="Second-moment storage: compact (default; 16-bit per-expert) or exact.")] = None,
     restart: RestartOption = False,
     allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Record the calibration statistics of docs/method.md §1, layer by layer, streaming the model."""
     overrides = dict(data=data, samples=samples, seqlen=seqlen, seed=seed, device=device,
-                     batch_size=batch_size, text_field=text_field)
+                     batch_size=batch_size, text_field=text_field, moments=moments)
     run_stage("calibrate", run=run, recipe=recipe, model=model, restart=restart,
               allow_thread_change=allow_thread_change, overrides=overrides)
 

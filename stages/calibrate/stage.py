@@ -86,7 +86,8 @@ def _calibrate_layers(stage: StageRun, source: ModelSource, settings: CalibrateS
 
 def _record_layer(streamer, layer, index: int, hidden, source: ModelSource, settings: CalibrateSettings, device):
     """Run one layer with the statistics hooks: (its output, its unit, its starved experts)."""
-    collector = LayerStatsCollector(layer, source.adapter, source.num_experts, settings.expert_second_moments)
+    collector = LayerStatsCollector(layer, source.adapter, source.num_experts, settings.expert_second_moments,
+                                    settings.moments)
     try:
         hidden = _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)
     finally:
