@@ -7,6 +7,11 @@ of experts, and exact in float64 for the leading subspace); with `B_k` its top-k
 `shared_basis = B_k^T T^-1` (`k x ic`), `expert_coeffs_i = W_i T B_k` (`oc_i x k`),
 `W_share_i = expert_coeffs_i @ shared_basis`.
 
+A stack with fewer rows than columns (a shared expert's own `down`, `[H, Is]` with `H < Is`) is
+decomposed from its row-side Gram instead, `S C S^T` (`rows x rows`): the same shared parts without
+any `ic x ic` eigendecomposition, not even the KLT's (`T` never appears: `B_k^T T^-1 = U_k^T S / s_k`,
+`S T B_k = U_k s_k`). On Qwen1.5-MoE this replaces two 5632 x 5632 eigendecompositions by one of 2048.
+
 Output-shared decomposition (the `down` option): the experts share their output space instead:
 `shared_basis = B_k^T` (`k x oc`) from the Gram matrix `sum_i W_i W_i^T`, `expert_coeffs_i = B_k^T W_i`
 (`k x ic_i`), `W_share_i = shared_basis^T @ expert_coeffs_i`.
@@ -24,29 +29,44 @@ from kbvq_cli.errors import KbvqError
 Side = Literal["input", "output"]
 
 
-@dataclass(frozen=True)
 class Klt:
-    """`transform` T [ic, ic] and `inverse` T^-1, float64, with T T^T = damped C."""
+    """The damped second moment `damped` = C + damp mean(diag C) I [ic, ic] float64, and its KLT: `transform`
+    T [ic, ic] and `inverse` T^-1 with T T^T = damped, from one eigendecomposition made on first use
+    (a decomposition that needs only `damped` never makes it)."""
 
-    transform: torch.Tensor
-    inverse: torch.Tensor
+    def __init__(self, damped: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.damped = damped
+        self._factors = factors
+
+    def _factor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._factors is None:
+            eigenvalues, eigenvectors = torch.linalg.eigh(self.damped)
+            eigenvalues = eigenvalues.clamp_min(eigenvalues.max() * 1e-12)  # damp 0 on a singular C stays invertible
+            root = eigenvalues.sqrt()
+            self._factors = (eigenvectors * root, (eigenvectors / root).T)
+        return self._factors
+
+    @property
+    def transform(self) -> torch.Tensor:
+        return self._factor()[0]
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        return self._factor()[1]
 
 
 def damped_klt(second_moment: torch.Tensor, damp: float) -> Klt:
     """KLT of `C + damp * mean(diag C) * I` (docs/method.md §2 steps 1-2). second_moment [ic, ic]."""
     c = second_moment.double()
     c = (c + c.T) / 2  # sums in float32 are symmetric only to rounding
-    c = c + damp * c.diagonal().mean().clamp_min(1e-30) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    eigenvalues, eigenvectors = torch.linalg.eigh(c)
-    eigenvalues = eigenvalues.clamp_min(eigenvalues.max() * 1e-12)  # damp 0 on a singular C stays invertible
-    root = eigenvalues.sqrt()
-    return Klt(eigenvectors * root, (eigenvectors / root).T)
+    c.diagonal().add_(damp * c.diagonal().mean().clamp_min(1e-30))
+    return Klt(c)
 
 
 def identity_klt(dim: int, device=None) -> Klt:
     """T = I: the "SVD without KLT" ablation (Tables 3, 14)."""
     eye = torch.eye(dim, dtype=torch.float64, device=device)
-    return Klt(eye, eye)
+    return Klt(eye, (eye, eye))
 
 
 def gram(matrices: list[torch.Tensor], side: Side) -> torch.Tensor:
@@ -127,6 +147,8 @@ def decompose(weights: list[torch.Tensor], klt: Klt | None, choose_rank: RankCho
         basis = vectors[:, : choose_rank(rho)]  # [oc, k]
         coeffs = [basis.T @ w.double() for w in weights]
         return SharedDecomposition("output", basis.T.contiguous(), coeffs, singular, rho)
+    if sum(w.shape[0] for w in weights) < weights[0].shape[1]:
+        return _decompose_wide(weights, klt, choose_rank)
     transform = klt.transform if klt is not None else None
     inverse = klt.inverse if klt is not None else None
     raw = gram(weights, "input")
@@ -137,3 +159,26 @@ def decompose(weights: list[torch.Tensor], klt: Klt | None, choose_rank: RankCho
     shared_basis = basis.T @ inverse if inverse is not None else basis.T.contiguous()
     coeffs = [w.double() @ lift for w in weights]
     return SharedDecomposition("input", shared_basis, coeffs, singular, rho)
+
+
+def _decompose_wide(weights: list[torch.Tensor], klt: Klt | None, choose_rank: RankChooser) -> SharedDecomposition:
+    """`decompose` on the input side for a stack `S` [R, ic] with R < ic, from its row-side Gram
+    `S C S^T` [R, R] (C the damped second moment; I without KLT). The spectrum is padded with zeros to
+    ic entries (rho with its final value), the shape the column-side path gives."""
+    stack = torch.cat([w.double() for w in weights])
+    rows, dim = stack.shape
+    row_gram = stack @ klt.damped @ stack.T if klt is not None else stack @ stack.T
+    eigenvalues, vectors = torch.linalg.eigh((row_gram + row_gram.T) / 2)
+    eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0), vectors.flip(1)
+    singular = eigenvalues.sqrt()
+    rho = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-300)
+    rank = choose_rank(torch.cat([rho, rho[-1:].expand(dim - rows)]))
+    kept = min(rank, rows)
+    inverse_singular = torch.where(singular[:kept] > 0, 1 / singular[:kept].clamp_min(1e-300), 0.0)
+    shared_basis = torch.zeros(rank, dim, dtype=torch.float64, device=stack.device)
+    shared_basis[:kept] = (vectors[:, :kept] * inverse_singular).T @ stack  # B_k^T T^-1 = U_k^T S / s_k
+    coeffs = torch.zeros(rows, rank, dtype=torch.float64, device=stack.device)
+    coeffs[:, :kept] = vectors[:, :kept] * singular[:kept]  # S T B_k = U_k s_k
+    padded = torch.zeros(dim - rows, dtype=torch.float64, device=stack.device)
+    return SharedDecomposition("input", shared_basis, list(coeffs.split([w.shape[0] for w in weights])),
+                               torch.cat([singular, padded]), torch.cat([rho, rho[-1:].expand(dim - rows)]))
