@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KBVQ   := $(VENV)/bin/kbvq
 
-.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 5 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode clean
+.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 5 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode bench-scale clean
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,12 @@ bench-stages: install
 # quantizes are cached in .cache/bench-decode/. BENCH_DECODE_ARGS="--threads 2 --repeats 5" for example.
 bench-decode: install testbed-mini
 	$(PY) benchmarks/bench_decode.py $(BENCH_DECODE_ARGS)
+
+# Every stage at the paper models' real dimensions (one layer each, random bf16 weights, CPU): seconds per
+# layer, peak RSS, directory bytes, bits, and a projected A6000 run; checkpoints cached in .cache/bench-scale/.
+# Not in `bench` or CI (tens of minutes). BENCH_SCALE_ARGS="--models qwen15-moe" for one model.
+bench-scale: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) benchmarks/bench_scale.py $(BENCH_SCALE_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
