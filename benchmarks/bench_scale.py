@@ -150,8 +150,8 @@ def main() -> None:
     for name in names:
         results.append(bench_model(name, args.work))
         print_result(results[-1])
+        (args.work / "results.json").write_text(json.dumps(results, indent=1))  # what is done so far
     print(f"\nbench-scale: {len(names)} model(s) in {time.perf_counter() - started:.0f} s")
-    (args.work / "results.json").write_text(json.dumps(results, indent=1))
     print_projection(names)
 
 
