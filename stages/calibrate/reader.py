@@ -87,9 +87,11 @@ def stored_sums(prefix: str, sum_x: torch.Tensor, sum_xxT: torch.Tensor | None, 
     if layout == "exact" or sum_xxT.dim() == 2:
         out.update(stored_second_moment(f"{prefix}.sum_xxT", sum_xxT, dtype, layout))
     else:
-        encoded = [encode_covariance(sum_x[e], sum_xxT[e], int(count[e])) for e in range(sum_xxT.shape[0])]
-        out[f"{prefix}.variance"] = torch.stack([variance for variance, _ in encoded]).cpu()
-        out[f"{prefix}.correlation"] = torch.stack([correlation for _, correlation in encoded]).cpu()
+        experts, dim = sum_xxT.shape[0], sum_xxT.shape[-1]
+        variances = out[f"{prefix}.variance"] = torch.empty(experts, dim, dtype=torch.float32)
+        correlations = out[f"{prefix}.correlation"] = torch.empty(experts, dim * (dim - 1) // 2, dtype=torch.float16)
+        for e in range(experts):  # filled in place: no list of encoded experts beside the stacked result
+            variances[e], correlations[e] = encode_covariance(sum_x[e], sum_xxT[e], int(count[e]))
     return out
 
 
