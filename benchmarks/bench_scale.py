@@ -10,7 +10,7 @@ per layer, the child's peak RSS (`os.wait4`), the stage directory's bytes; then 
 expert weight beside the docs/method.md §5 formula, and a projection of a whole paper-settings run on
 one A6000 (benchmarks/scale_projection.py states its assumptions).
 
-    python benchmarks/bench_scale.py [--models qwen15-moe,mixtral-8x7b] [--work DIR] [--fresh]
+    python benchmarks/bench_scale.py [--models qwen15-moe,mixtral-8x7b] [--stages calibrate] [--work DIR] [--fresh]
 
 Runs are redone each time (`--fresh` also rebuilds the checkpoints). Not part of CI.
 """
@@ -89,7 +89,7 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def bench_model(name: str, work: Path) -> dict:
+def bench_model(name: str, work: Path, stages=STAGES) -> dict:
     from tiny_models import write_text
 
     model = build_checkpoint(name, work / name / "model")
@@ -100,12 +100,13 @@ def bench_model(name: str, work: Path) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     rows = {}
-    for stage in STAGES:
+    for stage in stages:
         print(f"  {name}: kbvq {stage}", flush=True)
         row = run_measured(stage_command(stage, model, run, text), run / f"{stage}.log")
         row["bytes"] = directory_bytes(run / stage)
         rows[stage] = row
-    storage = json.loads((run / "pack" / "manifest.json").read_text())["summary"]["storage"]
+    pack = run / "pack" / "manifest.json"
+    storage = json.loads(pack.read_text())["summary"]["storage"] if pack.exists() else None
     return {"name": name, "model_bytes": directory_bytes(model), "layers": bench_layers(name), "stages": rows,
             "storage": storage}
 
@@ -123,6 +124,8 @@ def print_result(result: dict) -> None:
         print(f"{stage:<10} {row['seconds']:>8.1f} {per_layer:>8.1f} {row['cpu_seconds']:>8.1f} "
               f"{gb(row['peak_rss']):>12} {gb(row['bytes']):>8} {row['bytes'] / result['model_bytes']:>9.2f}")
     storage = result["storage"]
+    if storage is None:
+        return
     print(f"bits per expert weight: measured {storage['bits_per_expert_weight']:.4f}, formula "
           f"{storage['formula_bits_per_expert_weight']:.4f} (docs/method.md §5)")
 
@@ -132,6 +135,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(PAPER_MODELS))
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-scale")
     parser.add_argument("--fresh", action="store_true", help="rebuild the cached checkpoints too")
+    parser.add_argument("--stages", default=",".join(STAGES), help="the first stages only, e.g. calibrate")
     args = parser.parse_args()
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in PAPER_MODELS]
@@ -148,11 +152,12 @@ def main() -> None:
     started = time.perf_counter()
     results = []
     for name in names:
-        results.append(bench_model(name, args.work))
+        results.append(bench_model(name, args.work, [s for s in STAGES if s in args.stages.split(",")]))
         print_result(results[-1])
         (args.work / "results.json").write_text(json.dumps(results, indent=1))  # what is done so far
     print(f"\nbench-scale: {len(names)} model(s) in {time.perf_counter() - started:.0f} s")
-    print_projection(names)
+    if args.stages == ",".join(STAGES):
+        print_projection(names)
 
 
 if __name__ == "__main__":
