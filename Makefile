@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KBVQ   := $(VENV)/bin/kbvq
 
-.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 5 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode bench-distributed plus-ablation clean
+.PHONY: install demo testbed-tables $(addprefix table,1 2 3 4 5 7 8 14 15) test test-fast testbed testbed-mini bench bench-calibrate bench-vq bench-stages bench-decode bench-distributed plus-ablation bench-scale clean
 
 install: $(VENV)/.installed
 
@@ -77,6 +77,12 @@ bench-decode: install testbed-mini
 # PLUS_ARGS="--testbed testbed-upcycled-mini --arms kbvq-w2,bcos-only" for another test-bed of the mini's size.
 plus-ablation: install testbed-mini
 	$(PY) benchmarks/plus_ablation.py $(PLUS_ARGS)
+
+# Every stage at the paper models' real dimensions (one layer each, random bf16 weights, CPU): seconds per
+# layer, peak RSS, directory bytes, bits, and a projected A6000 run; checkpoints cached in .cache/bench-scale/.
+# Not in `bench` or CI (tens of minutes). BENCH_SCALE_ARGS="--models qwen15-moe" for one model.
+bench-scale: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) benchmarks/bench_scale.py $(BENCH_SCALE_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

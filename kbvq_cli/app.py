@@ -96,12 +96,14 @@ def calibrate(
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of the data.")] = None,
     routing: Annotated[Optional[str], typer.Option("--routing", help="model (each expert's routed tokens, the "
                        "paper) or all (every expert's statistics over every token).")] = None,
+    moments: Annotated[Optional[str], typer.Option(
+        "--moments", help="Second-moment storage: compact (default; 16-bit per-expert) or exact.")] = None,
     restart: RestartOption = False,
     allow_thread_change: ThreadsOption = False,
 ) -> None:
     """Record the calibration statistics of docs/method.md §1, layer by layer, streaming the model."""
     overrides = dict(data=data, samples=samples, seqlen=seqlen, seed=seed, device=device,
-                     batch_size=batch_size, text_field=text_field, routing=routing)
+                     batch_size=batch_size, text_field=text_field, routing=routing, moments=moments)
     run_stage("calibrate", run=run, recipe=recipe, model=model, restart=restart,
               allow_thread_change=allow_thread_change, overrides=overrides)
 

@@ -38,14 +38,14 @@ class LayerExperts:
 def layer_experts(source: ModelSource, index: int, dtype=torch.float32, device="cpu") -> LayerExperts | None:
     """The experts of decoder layer `index`, or None if it is a dense layer."""
     adapter = source.adapter
-    state = source.layer_state_dict(index)
+    state = source.layer_state_dict(index, expert_dtype=dtype)  # fused straight into `dtype`
     key = f"{adapter.experts}.gate_up_proj"
     if key not in state:
         return None
-    gate_up = state[key].to(device=device, dtype=dtype)
+    gate_up = state.pop(key).to(device=device)
     half = gate_up.shape[1] // 2
     routed = {"gate": gate_up[:, :half], "up": gate_up[:, half:],
-              "down": state[f"{adapter.experts}.down_proj"].to(device=device, dtype=dtype)}
+              "down": state.pop(f"{adapter.experts}.down_proj").to(device=device)}
     shared, shared_path = {}, None
     for path in adapter.shared_experts:
         if f"{path}.gate_proj.weight" in state:

@@ -151,15 +151,17 @@ class ModelSource:
                             f"the checkpoint is damaged: re-download it, or re-save it from finite weights")
         return tensor
 
-    def layer_state_dict(self, index: int) -> dict:
-        """Tensors of decoder layer `index`, renamed and fused to the in-memory layout of transformers 5."""
+    def layer_state_dict(self, index: int, expert_dtype=None) -> dict:
+        """Tensors of decoder layer `index`, renamed and fused to the in-memory layout of transformers 5;
+        the fused experts in `expert_dtype` when given (converted expert by expert while fusing, so a
+        float32 copy of a layer's experts costs no second full copy in the checkpoint's dtype)."""
         prefix = f"{self.adapter.layers_prefix}.{index}."
         names = self.layer_tensor_names.get(index)
         if not names:
             raise KbvqError(f"layer {index} is missing from {self.path}; the checkpoint is incomplete")
         tensors = {name[len(prefix):]: self.tensor(name) for name in names}
         self.release()
-        return fuse_experts(self.adapter, tensors, self.num_experts)
+        return fuse_experts(self.adapter, tensors, self.num_experts, expert_dtype)
 
     def release(self) -> None:
         """Unmap the files: pages read through a mapping stay resident (and count in RSS) until then."""
@@ -179,14 +181,17 @@ class ModelSource:
                 "files": {name: cache.sha256(self.path / name) for name in files}}
 
 
-def fuse_experts(adapter: ArchAdapter, tensors: dict, num_experts: int) -> dict:
-    """Map one layer's on-disk names to memory names; stack per-expert 2D weights into fused 3D ones."""
+def fuse_experts(adapter: ArchAdapter, tensors: dict, num_experts: int, dtype=None) -> dict:
+    """Map one layer's on-disk names to memory names; stack per-expert 2D weights into fused 3D ones
+    (in `dtype`, default the weights' own). Takes the tensors out of `tensors` as it goes: each expert's
+    weights are freed once copied, so fusing costs about one expert of extra memory, not a layer."""
     import torch
 
     disk_block, block = adapter.disk_moe_block + ".", adapter.moe_block + "."
     expert_pattern = re.compile(re.escape(adapter.experts) + r"\.(\d+)\.(\w+)\.weight$")
     out, per_expert = {}, {}
-    for name, tensor in tensors.items():
+    for name in list(tensors):
+        tensor = tensors.pop(name)
         if name.startswith(disk_block) and disk_block != block:
             name = block + name[len(disk_block):]
         match = expert_pattern.match(name)
@@ -198,10 +203,17 @@ def fuse_experts(adapter: ArchAdapter, tensors: dict, num_experts: int) -> dict:
         return out
     gate, up, down = adapter.disk_expert_names
     try:
-        out[f"{adapter.experts}.gate_up_proj"] = torch.stack(
-            [torch.cat([per_expert[(e, gate)], per_expert[(e, up)]], dim=0) for e in range(num_experts)]
-        )
-        out[f"{adapter.experts}.down_proj"] = torch.stack([per_expert[(e, down)] for e in range(num_experts)])
+        first_gate, first_down = per_expert[(0, gate)], per_expert[(0, down)]
+        dtype = dtype or first_gate.dtype
+        gate_up = torch.empty(num_experts, 2 * first_gate.shape[0], first_gate.shape[1], dtype=dtype)
+        down_proj = torch.empty(num_experts, *first_down.shape, dtype=dtype)
+        half = first_gate.shape[0]
+        for e in range(num_experts):
+            gate_up[e, :half] = per_expert.pop((e, gate))
+            gate_up[e, half:] = per_expert.pop((e, up))
+            down_proj[e] = per_expert.pop((e, down))
     except KeyError as missing:
         raise KbvqError(f"expert weight {missing.args[0]} is missing from the checkpoint; it is incomplete") from None
+    out[f"{adapter.experts}.gate_up_proj"] = gate_up
+    out[f"{adapter.experts}.down_proj"] = down_proj
     return out

@@ -54,8 +54,9 @@ class LayerStreamer:
         layer_class = self.adapter.cls(self.adapter.decoder_layer_class)
         with torch.device("meta"):
             layer = layer_class(self.config, index)
+        # experts fused straight into the compute dtype: no second full copy of them in the checkpoint's
         state = {name: tensor.to(device=self.device, dtype=self.dtype)
-                 for name, tensor in self.source.layer_state_dict(index).items()}
+                 for name, tensor in self.source.layer_state_dict(index, expert_dtype=self.dtype).items()}
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
 

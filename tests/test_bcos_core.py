@@ -155,3 +155,25 @@ def test_float32_weights_and_bad_mode():
     assert correction.scale.dtype == torch.float64
     with pytest.raises(KbvqError, match="mode"):
         bcos_correction(weight, quantized, moments_of(x), mode="both")
+
+
+def test_float32_product_gives_the_float64_correction_to_1e5():
+    """With float32 weights (the stage's) the one big product runs in float32 with float64 sums; scale and
+    shift stay within 1e-5 (relative) of the float64 correction (`output_moments`, float64 throughout)."""
+    from kbvq_cli.moments import OutputMoments
+
+    generator = torch.Generator().manual_seed(7)
+    dim = 256
+    mixing = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / dim ** 0.5
+    x = (torch.randn(6000, dim, generator=generator, dtype=torch.float64) @ mixing) * torch.exp(
+        torch.randn(dim, generator=generator, dtype=torch.float64)) + 0.3
+    weight = torch.randn(192, dim, generator=generator, dtype=torch.float64) / dim ** 0.5
+    quantized = 0.9 * weight + 0.1 * torch.randn(weight.shape, generator=generator, dtype=torch.float64) / dim ** 0.5
+    moments = moments_of(x)
+    fast = bcos_correction(weight.float(), quantized.float(), moments)
+    full, shrunk = output_moments(weight.float().double(), moments), output_moments(quantized.float().double(), moments)
+    ratio = full.std / shrunk.std
+    reference_shift = full.mean - ratio * shrunk.mean
+    assert ((1 + fast.scale - ratio).abs() / ratio).max() < 1e-5
+    assert (fast.shift - reference_shift).abs().max() < 1e-5 * full.std.max()
+    assert isinstance(full, OutputMoments)

@@ -123,7 +123,8 @@ def test_starved_experts_use_the_pooled_second_moments(calibrated):
     tensors = dict(layer.tensors)
     tensors["experts.gate_up.count"] = tensors["experts.gate_up.count"].clone()
     tensors["experts.gate_up.count"][2] = 0  # routed no tokens
-    del tensors["experts.down.sum_xxT"]  # calibrated with expert_second_moments: false
+    for name in ("sum_xxT", "variance", "correlation"):  # as if calibrated with expert_second_moments: false
+        tensors.pop(f"experts.down.{name}", None)
     hollow = CalibrationLayer(0, tensors, CalibLayerMeta(0, True, layer.inputs))
     gate, starved = expert_hessian(hollow, "gate", 2, None)
     assert starved and torch.equal(gate, layer.input_moments("block").second_moment())

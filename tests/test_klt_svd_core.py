@@ -110,3 +110,51 @@ def test_rank_options():
         select_rank(rho, 64, 64, rank=1, energy=0.5)
     with pytest.raises(KbvqError, match="energy must be"):
         select_rank(rho, 64, 64, energy=1.5)
+
+
+def reference_shared_parts(weights, klt, k):
+    """W_share of each weight from the column-side route written out: T, T^T G T, its top-k B_k."""
+    transform, inverse = klt.transform, klt.inverse
+    mapped = transform.T @ sum(w.T @ w for w in weights) @ transform
+    vectors = torch.linalg.eigh(mapped).eigenvectors.flip(1)[:, :k]
+    return [w @ transform @ vectors @ vectors.T @ inverse for w in weights]
+
+
+@pytest.mark.parametrize("with_klt", [True, False])
+def test_wide_stack_uses_the_row_side_gram_with_the_same_shared_parts(with_klt, monkeypatch):
+    """A stack with fewer rows than columns (a shared expert's down) gives the column route's W_share and
+    rho from one eigendecomposition of rows x rows, and never factors the ic x ic KLT."""
+    weights = [torch.randn(6, 20, generator=G, dtype=torch.float64), torch.randn(4, 20, generator=G, dtype=torch.float64)]
+    c = random_second_moment(20)
+    klt = damped_klt(c, 0.01) if with_klt else identity_klt(20)
+    sizes, eigh = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: sizes.append(m.shape[0]) or eigh(m))
+    result = decompose(weights, klt if with_klt else None, fixed(3))
+    assert sizes == [10]  # the 10 x 10 row-side Gram only
+    reference_klt = damped_klt(c, 0.01) if with_klt else identity_klt(20)
+    for w, coeffs, expected in zip(weights, result.expert_coeffs, reference_shared_parts(weights, reference_klt, 3)):
+        torch.testing.assert_close(shared_part("input", result.shared_basis, coeffs), expected, rtol=1e-9, atol=1e-9)
+    assert result.singular_values.shape == (20,) and torch.all(result.singular_values[10:] == 0)
+    stacked = torch.cat(weights) @ reference_klt.transform
+    torch.testing.assert_close(result.rho[:10], torch.linalg.svdvals(stacked).pow(2).cumsum(0) / stacked.pow(2).sum(),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_one_klt_is_factored_once_for_every_projection_that_shares_it(monkeypatch):
+    """gate and up share the block input's KLT: one eigendecomposition of C, one of each mapped Gram."""
+    klt = damped_klt(random_second_moment(16), 0.01)
+    sizes, eigh = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: sizes.append(m.shape[0]) or eigh(m))
+    for _ in ("gate", "up"):
+        decompose(experts(), klt, fixed(3))
+    assert sizes == [16, 16, 16]
+
+
+@pytest.mark.parametrize("dim,tile", [(5, 1024), (1030, 1024), (300, 7)])
+def test_in_place_symmetrization_equals_the_out_of_place_one(dim, tile):
+    """klt-svd symmetrizes its ic x ic Gram matrices in place (no second 1.6 GB matrix at Mixtral's
+    14336-wide down input), with the very values of `(M + M^T) / 2`."""
+    from stages.klt_svd.core import _symmetrized
+
+    matrix = torch.randn(dim, dim, generator=G, dtype=torch.float64)
+    assert torch.equal(_symmetrized(matrix.clone(), tile), (matrix + matrix.T) / 2)

@@ -22,6 +22,10 @@ class CalibrateSettings:
     # the stage's disk use (Qwen3-30B-A3B: ~100 GB in float32). Turn off when neither is used.
     expert_second_moments: bool = True
     moments_dtype: Literal["float32", "float64"] = "float32"
+    # How second moments are stored (stages/calibrate/reader.py): `compact` packs the symmetric upper
+    # triangles and stores the per-expert ones as 16-bit correlations (about a quarter of the bytes,
+    # BCOS and GPTQ within ~1e-4 of `exact`, the dense layout of earlier versions).
+    moments: Literal["exact", "compact"] = "compact"
     min_expert_tokens: int = 16  # an expert routed fewer tokens than this is reported as starved
     # model: each expert's statistics over the tokens the model's own top-k routes to it (the paper).
     # all: every expert's over every token (no expert starves); the layer still computes its routed

@@ -10,14 +10,16 @@ import torch
 
 
 class MomentSums:
-    """Running `sum_x [*lead, D]`, `sum_xxT [*lead, D, D]` (float64) and `count [*lead]` (int64).
+    """Running `sum_x [*lead, D]` (float64), `sum_xxT [*lead, D, D]` (`dtype`, float64 by default) and
+    `count [*lead]` (int64).
 
     `lead` is () for one input space or (E,) for one per expert.
     """
 
-    def __init__(self, dim: int, device, lead: tuple[int, ...] = (), second_moment: bool = True):
+    def __init__(self, dim: int, device, lead: tuple[int, ...] = (), second_moment: bool = True,
+                 dtype: torch.dtype = torch.float64):
         self.sum_x = torch.zeros(*lead, dim, dtype=torch.float64, device=device)
-        self.sum_xxT = torch.zeros(*lead, dim, dim, dtype=torch.float64, device=device) if second_moment else None
+        self.sum_xxT = torch.zeros(*lead, dim, dim, dtype=dtype, device=device) if second_moment else None
         self.count = torch.zeros(lead, dtype=torch.int64, device=device)
 
     def add(self, x: torch.Tensor, slot: int | None = None) -> None:
@@ -25,11 +27,18 @@ class MomentSums:
         index = () if slot is None else (slot,)
         self.sum_x[index] += x.sum(dim=0, dtype=torch.float64)
         if self.sum_xxT is not None:
-            self.sum_xxT[index] += (x.T @ x).double()
+            self.sum_xxT[index] += (x.T @ x).to(self.sum_xxT.dtype)
         self.count[index] += x.shape[0]
 
+    def pooled_second_moment(self) -> torch.Tensor:
+        """`sum_xxT` summed over the lead (expert) dim in float64 [D, D], one slice at a time."""
+        total = torch.zeros(self.sum_xxT.shape[-2:], dtype=torch.float64, device=self.sum_xxT.device)
+        for block in self.sum_xxT.reshape(-1, *self.sum_xxT.shape[-2:]):
+            total += block
+        return total
+
     def release(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The sums as CPU tensors in `dtype` (counts int64), freeing the float64 accumulators.
+        """The sums as CPU tensors in `dtype` (counts int64), freeing the accumulators: the exact layout.
 
         Second moments are converted one expert slice at a time, so converting a [E, D, D] float64
         accumulator costs half its size in extra memory rather than one and a half.

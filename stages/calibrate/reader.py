@@ -1,10 +1,18 @@
 """Read `calibrate`'s shards for later stages: moments by consumer name, resolving shared inputs.
 
-The shard schema (written by `stages.calibrate.collector`, read only here): per input space `S`,
-`moments.S.sum_x`, `moments.S.sum_xxT`, `moments.S.count`; per-expert `experts.gate_up.*` and
-`experts.down.*` (sum_x [E, D], sum_xxT [E, D, D] when kept, count [E]) and
-`experts.down.pooled_sum_xxT`; `router.load`. The metadata (`CalibLayerMeta`) maps each consumer
-("block", "linear.<path>") to the input space it reads.
+The shard schema, defined here (the collector writes it through `stored_sums`; every consumer reads it
+through `CalibrationLayer`): per input space `S`, `moments.S.sum_x`, `moments.S.count` and its second
+moment; per-expert `experts.gate_up.*` and `experts.down.*` (sum_x [E, D], count [E], second moments
+when kept) and the pooled down second moment; `router.load`. Second moments come in one of two layouts,
+named by the shard's `CalibLayerMeta.moments`:
+
+- `exact`: `*.sum_xxT` dense ([D, D], or [E, D, D] per expert) in `moments_dtype`;
+- `compact` (default): `*.sum_xxT_upper` the upper triangle [D(D+1)/2] in `moments_dtype`, and per
+  expert `*.variance [E, D]` float32 with `*.correlation [E, D(D-1)/2]` float16
+  (`stages.calibrate.compact`): about a quarter of the bytes; BCOS and GPTQ match the exact layout's to
+  about 1e-4 relative (tests/test_calibrate_compact.py).
+
+The metadata (`CalibLayerMeta`) maps each consumer ("block", "linear.<path>") to the input space it reads.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from kbvq_cli.finite import count_non_finite
 from kbvq_cli.moments import InputMoments, input_moments
 from kbvq_cli.stage_dir import StageDir
 from kbvq_cli.units import layer_unit
+from stages.calibrate.compact import decode_sum_xxT, encode_covariance, pack_upper, unpack_upper
 
 BLOCK = "block"
+LAYOUTS = ("exact", "compact")
 
 
 @dataclass(frozen=True)
@@ -41,13 +51,70 @@ class CalibLayerMeta:
     layer: int
     moe: bool
     inputs: dict[str, str]  # consumer -> input space whose moments it reads
+    moments: str = "exact"  # layout of the second moments: exact | compact (shards before it are exact)
 
     @classmethod
     def from_json(cls, data: dict) -> "CalibLayerMeta":
-        return cls(int(data["layer"]), bool(data.get("moe")), dict(data.get("inputs", {})))
+        return cls(int(data["layer"]), bool(data.get("moe")), dict(data.get("inputs", {})),
+                   str(data.get("moments", "exact")))
 
     def to_json(self) -> dict:
-        return {"layer": self.layer, "moe": self.moe, "inputs": dict(sorted(self.inputs.items()))}
+        data = {"layer": self.layer, "moe": self.moe, "inputs": dict(sorted(self.inputs.items()))}
+        if self.moments != "exact":  # exact shards keep the bytes they had before the compact layout
+            data["moments"] = self.moments
+        return data
+
+
+def stored_second_moment(name: str, sum_xxT: torch.Tensor, dtype: torch.dtype, layout: str
+                         ) -> dict[str, torch.Tensor]:
+    """One second-moment sum [D, D] (or [E, D, D] exact) as stored: dense `name`, or `name_upper` packed."""
+    if layout == "exact":
+        return {name: sum_xxT.to(dtype).cpu()}
+    return {f"{name}_upper": pack_upper(sum_xxT, dtype).cpu()}
+
+
+def stored_sums(prefix: str, sum_x: torch.Tensor, sum_xxT: torch.Tensor | None, count: torch.Tensor,
+                dtype: torch.dtype, layout: str) -> dict[str, torch.Tensor]:
+    """The shard tensors of one set of sums, CPU. sum_x [*lead, D], sum_xxT [*lead, D, D] or None,
+    count [*lead]; `lead` is () or (E,) (per expert: the compact layout's 16-bit correlations).
+
+    Per-expert second moments are encoded one expert at a time, so the extra memory is one `D x D`
+    float64 matrix whatever E is.
+    """
+    out = {f"{prefix}.sum_x": sum_x.to(dtype).cpu(), f"{prefix}.count": count.reshape(-1).cpu()}
+    if sum_xxT is None:
+        return out
+    if layout == "exact" or sum_xxT.dim() == 2:
+        out.update(stored_second_moment(f"{prefix}.sum_xxT", sum_xxT, dtype, layout))
+    else:
+        experts, dim = sum_xxT.shape[0], sum_xxT.shape[-1]
+        variances = out[f"{prefix}.variance"] = torch.empty(experts, dim, dtype=torch.float32)
+        correlations = out[f"{prefix}.correlation"] = torch.empty(experts, dim * (dim - 1) // 2, dtype=torch.float16)
+        for e in range(experts):  # filled in place: no list of encoded experts beside the stacked result
+            variances[e], correlations[e] = encode_covariance(sum_x[e], sum_xxT[e], int(count[e]))
+    return out
+
+
+def layer_bytes(spaces: list[int], experts: tuple[int, int, int] | None, layout: str, value_bytes: int = 4,
+                expert_second_moments: bool = True) -> int:
+    """Bytes of the tensors of one layer's shard (its safetensors header aside), by formula.
+
+    `spaces`: the width of each distinct input space the layer records (`moments.*`); `experts`:
+    (E, H, I) for a MoE layer; `value_bytes`: of `moments_dtype`. Pinned against measured shards by
+    tests/test_calibrate_compact.py.
+    """
+    def second(dim: int) -> int:
+        return (dim * dim if layout == "exact" else dim * (dim + 1) // 2) * value_bytes
+
+    total = sum(dim * value_bytes + 8 + second(dim) for dim in spaces)
+    if experts is None:
+        return total
+    num, hidden, inter = experts
+    for dim in (hidden, inter):
+        total += num * dim * value_bytes + num * 8
+        if expert_second_moments:
+            total += num * (dim * dim * value_bytes if layout == "exact" else dim * 4 + dim * (dim - 1))
+    return total + second(inter) + num * 8  # pooled down second moment, router load
 
 
 class CalibrationLayer:
@@ -56,6 +123,36 @@ class CalibrationLayer:
         self.tensors = tensors
         self.inputs: dict[str, str] = meta.inputs
         self.is_moe = meta.moe
+        self._decoded: tuple[tuple, torch.Tensor] | None = None  # the last expert decoded (gate and up share it)
+
+    def _dense(self, name: str) -> torch.Tensor | None:
+        """A single input space's second-moment sum `name`, dense [D, D], in either layout (None if not kept)."""
+        if name in self.tensors:
+            return self.tensors[name]
+        packed = self.tensors.get(f"{name}_upper")
+        if packed is None:
+            return None
+        dim = int(round(((8 * packed.numel() + 1) ** 0.5 - 1) / 2))
+        return unpack_upper(packed, dim)
+
+    @property
+    def has_expert_second_moments(self) -> bool:
+        return any(f"experts.down.{name}" in self.tensors for name in ("sum_xxT", "correlation"))
+
+    def _expert_sum_xxT(self, prefix: str, expert: int) -> torch.Tensor | None:
+        """One routed expert's second-moment sum [D, D] (float64 when decoded), or None if not kept."""
+        if f"{prefix}.sum_xxT" in self.tensors:
+            return self.tensors[f"{prefix}.sum_xxT"][expert]
+        if f"{prefix}.correlation" not in self.tensors:
+            return None
+        key = (prefix, expert)
+        if self._decoded is None or self._decoded[0] != key:
+            self._decoded = None  # free the previous one before decoding the next
+            self._decoded = (key, decode_sum_xxT(self.tensors[f"{prefix}.sum_x"][expert],
+                                                 self.tensors[f"{prefix}.variance"][expert],
+                                                 self.tensors[f"{prefix}.correlation"][expert],
+                                                 int(self.tensors[f"{prefix}.count"][expert])))
+        return self._decoded[1]
 
     def input_moments(self, consumer: str) -> Moments:
         """Moments of the input of `consumer`: "block" or "linear.<module path in the layer>"."""
@@ -63,19 +160,27 @@ class CalibrationLayer:
             raise KbvqError(f"calibration of layer {self.index} has no statistics for {consumer}; "
                             f"rerun `kbvq calibrate --restart` with this version")
         prefix = f"moments.{self.inputs[consumer]}"
-        return Moments(self.tensors[f"{prefix}.sum_x"], self.tensors.get(f"{prefix}.sum_xxT"),
+        return Moments(self.tensors[f"{prefix}.sum_x"], self._dense(f"{prefix}.sum_xxT"),
                        self.tensors[f"{prefix}.count"])
 
     def expert_moments(self, projection: str) -> Moments:
-        """Per-expert moments of the `gate_up` or `down` input: sum_x [E, D], sum_xxT [E, D, D] or None."""
+        """Per-expert moments of the `gate_up` or `down` input stacked: sum_x [E, D], sum_xxT [E, D, D] or
+        None. Decodes every expert at once: for small layers; a stage reads one expert with `expert_input`."""
         prefix = f"experts.{projection}"
-        return Moments(self.tensors[f"{prefix}.sum_x"], self.tensors.get(f"{prefix}.sum_xxT"),
-                       self.tensors[f"{prefix}.count"])
+        count = self.tensors[f"{prefix}.count"]
+        stacked = self.tensors.get(f"{prefix}.sum_xxT")
+        if f"{prefix}.correlation" in self.tensors:
+            stacked = torch.stack([self._expert_sum_xxT(prefix, e).clone() for e in range(len(count))])
+        return Moments(self.tensors[f"{prefix}.sum_x"], stacked, count)
+
+    def expert_counts(self, projection: str) -> torch.Tensor:
+        """Tokens routed to each expert, int64 [E] (`gate_up` or `down`: the same counts)."""
+        return self.tensors[f"experts.{projection}.count"]
 
     def pooled_down_second_moment(self) -> torch.Tensor:
         """Pooled second moment of the routed experts' `down` inputs, float64 [I, I]."""
         count = int(self.tensors["experts.down.count"].sum())
-        return self.tensors["experts.down.pooled_sum_xxT"].double() / max(count - 1, 1)
+        return self._dense("experts.down.pooled_sum_xxT").double() / max(count - 1, 1)
 
     def expert_input(self, projection: str, expert, shared_path: str | None) -> Moments:
         """Moments of one expert's `projection` input over its routed tokens (all tokens for the shared
@@ -83,9 +188,9 @@ class CalibrationLayer:
         if expert == "shared":
             consumer = "block" if projection != "down" else f"linear.{shared_path}.down_proj"
             return self.input_moments(consumer)
-        stacked = self.expert_moments("gate_up" if projection != "down" else "down")
-        second = stacked.sum_xxT[expert] if stacked.sum_xxT is not None else None
-        return Moments(stacked.sum_x[expert], second, stacked.count[expert])
+        prefix = "experts.gate_up" if projection != "down" else "experts.down"
+        return Moments(self.tensors[f"{prefix}.sum_x"][expert], self._expert_sum_xxT(prefix, expert),
+                       self.tensors[f"{prefix}.count"][expert])
 
     def expert_input_moments(self, expert, projection: str, shared_path: str | None) -> InputMoments:
         """Mean and covariance of one expert's `projection` input over its routed tokens (closed-form BCOS)."""

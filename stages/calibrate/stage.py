@@ -95,7 +95,7 @@ def _record_layer(streamer, layer, index: int, hidden, source: ModelSource, sett
     """Run one layer with the statistics hooks: (its output, its unit, its starved experts). Under
     torchrun each rank runs its blocks and the sums are added in block order (`record_in_rounds`)."""
     collector = LayerStatsCollector(layer, source.adapter, source.num_experts, settings.expert_second_moments,
-                                    settings.routing)
+                                    routing=settings.routing, layout=settings.moments)
     try:
         if blocks.ranks == 1:
             hidden = _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)

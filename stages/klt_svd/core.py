@@ -7,6 +7,11 @@ of experts, and exact in float64 for the leading subspace); with `B_k` its top-k
 `shared_basis = B_k^T T^-1` (`k x ic`), `expert_coeffs_i = W_i T B_k` (`oc_i x k`),
 `W_share_i = expert_coeffs_i @ shared_basis`.
 
+A stack with fewer rows than columns (a shared expert's own `down`, `[H, Is]` with `H < Is`) is
+decomposed from its row-side Gram instead, `S C S^T` (`rows x rows`): the same shared parts without
+any `ic x ic` eigendecomposition, not even the KLT's (`T` never appears: `B_k^T T^-1 = U_k^T S / s_k`,
+`S T B_k = U_k s_k`). On Qwen1.5-MoE this replaces two 5632 x 5632 eigendecompositions by one of 2048.
+
 Output-shared decomposition (the `down` option): the experts share their output space instead:
 `shared_basis = B_k^T` (`k x oc`) from the Gram matrix `sum_i W_i W_i^T`, `expert_coeffs_i = B_k^T W_i`
 (`k x ic_i`), `W_share_i = shared_basis^T @ expert_coeffs_i`.
@@ -24,29 +29,55 @@ from kbvq_cli.errors import KbvqError
 Side = Literal["input", "output"]
 
 
-@dataclass(frozen=True)
 class Klt:
-    """`transform` T [ic, ic] and `inverse` T^-1, float64, with T T^T = damped C."""
+    """The damped second moment `damped` = C + damp mean(diag C) I [ic, ic] float64, and its KLT
+    `T = V diag(root)` (T T^T = damped; `T^-1 = diag(1/root) V^T`), from one eigendecomposition made on
+    first use (a decomposition that needs only `damped` never makes it). Only `V` and `root` are kept,
+    and `damped` is dropped once they exist: at Mixtral's 14336-wide down input each such matrix is
+    1.6 GB, so `transform` and `inverse` are formed only when asked for (tests)."""
 
-    transform: torch.Tensor
-    inverse: torch.Tensor
+    def __init__(self, damped: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.damped = damped
+        self._factors = factors
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V [ic, ic], root [ic]) with T = V diag(root), float64."""
+        if self._factors is None:
+            eigenvalues, eigenvectors = torch.linalg.eigh(self.damped)
+            eigenvalues = eigenvalues.clamp_min(eigenvalues.max() * 1e-12)  # damp 0 on a singular C stays invertible
+            self._factors, self.damped = (eigenvectors, eigenvalues.sqrt()), None
+        return self._factors
+
+    def second_moment(self) -> torch.Tensor:
+        """The damped second moment, [ic, ic] float64 (rebuilt from the factors once they replaced it)."""
+        if self.damped is not None:
+            return self.damped
+        vectors, root = self._factors
+        return (vectors * root.square()) @ vectors.T
+
+    @property
+    def transform(self) -> torch.Tensor:
+        vectors, root = self.factors()
+        return vectors * root
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        vectors, root = self.factors()
+        return (vectors / root).T
 
 
 def damped_klt(second_moment: torch.Tensor, damp: float) -> Klt:
     """KLT of `C + damp * mean(diag C) * I` (docs/method.md §2 steps 1-2). second_moment [ic, ic]."""
     c = second_moment.double()
     c = (c + c.T) / 2  # sums in float32 are symmetric only to rounding
-    c = c + damp * c.diagonal().mean().clamp_min(1e-30) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    eigenvalues, eigenvectors = torch.linalg.eigh(c)
-    eigenvalues = eigenvalues.clamp_min(eigenvalues.max() * 1e-12)  # damp 0 on a singular C stays invertible
-    root = eigenvalues.sqrt()
-    return Klt(eigenvectors * root, (eigenvectors / root).T)
+    c.diagonal().add_(damp * c.diagonal().mean().clamp_min(1e-30))
+    return Klt(c)
 
 
 def identity_klt(dim: int, device=None) -> Klt:
     """T = I: the "SVD without KLT" ablation (Tables 3, 14)."""
-    eye = torch.eye(dim, dtype=torch.float64, device=device)
-    return Klt(eye, eye)
+    return Klt(torch.eye(dim, dtype=torch.float64, device=device),
+               (torch.eye(dim, dtype=torch.float64, device=device), torch.ones(dim, dtype=torch.float64, device=device)))
 
 
 def gram(matrices: list[torch.Tensor], side: Side) -> torch.Tensor:
@@ -58,7 +89,7 @@ def gram(matrices: list[torch.Tensor], side: Side) -> torch.Tensor:
     total = None
     for w in matrices:
         product = (w.T @ w if side == "input" else w @ w.T).double()
-        total = product if total is None else total + product
+        total = product if total is None else total.add_(product)
     return total
 
 
@@ -81,11 +112,30 @@ def shared_part(side: Side, shared_basis: torch.Tensor, coeffs: torch.Tensor) ->
 
 
 def spectrum(gram_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Singular values (descending), rho for every k, and the right singular vectors [d, d] of a stack."""
-    eigenvalues, eigenvectors = torch.linalg.eigh((gram_matrix + gram_matrix.T) / 2)
-    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
+    """Singular values (descending), rho for every k, and the right singular vectors of a stack, in
+    ascending order of their singular values ([d, d]: take the last k, flipped; no flipped copy is made)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(_symmetrized(gram_matrix))
+    eigenvalues = eigenvalues.flip(0).clamp_min(0)
     energy = eigenvalues.sum().clamp_min(1e-300)
     return eigenvalues.sqrt(), eigenvalues.cumsum(0) / energy, eigenvectors
+
+
+def _symmetrized(matrix: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+    """`(M + M^T) / 2` written into `matrix` itself, tile by tile (no second d x d matrix): the same
+    values as the out-of-place expression, entry for entry. Returns `matrix`."""
+    dim = matrix.shape[0]
+    for row in range(0, dim, tile):
+        for col in range(row, dim, tile):
+            upper, lower = matrix[row:row + tile, col:col + tile], matrix[col:col + tile, row:row + tile]
+            mean = (upper + lower.T) / 2
+            upper.copy_(mean)
+            lower.copy_(mean.T)
+    return matrix
+
+
+def _top(vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """The k leading columns of `spectrum`'s ascending eigenvectors, leading first: [d, k]."""
+    return vectors[:, vectors.shape[1] - k:].flip(1)
 
 
 def select_rank(rho: torch.Tensor, oc: int, ic: int, *, rank_ratio: float | None = None,
@@ -124,16 +174,48 @@ def decompose(weights: list[torch.Tensor], klt: Klt | None, choose_rank: RankCho
     """
     if side == "output":
         singular, rho, vectors = spectrum(gram(weights, "output"))
-        basis = vectors[:, : choose_rank(rho)]  # [oc, k]
+        basis = _top(vectors, choose_rank(rho))  # [oc, k]
         coeffs = [basis.T @ w.double() for w in weights]
         return SharedDecomposition("output", basis.T.contiguous(), coeffs, singular, rho)
-    transform = klt.transform if klt is not None else None
-    inverse = klt.inverse if klt is not None else None
-    raw = gram(weights, "input")
-    mapped = transform.T @ raw @ transform if transform is not None else raw
-    singular, rho, vectors = spectrum(mapped)
-    basis = vectors[:, : choose_rank(rho)]  # B_k [ic, k], orthonormal in KLT space
-    lift = transform @ basis if transform is not None else basis  # T B_k [ic, k]
-    shared_basis = basis.T @ inverse if inverse is not None else basis.T.contiguous()
+    if sum(w.shape[0] for w in weights) < weights[0].shape[1]:
+        return _decompose_wide(weights, klt, choose_rank)
+    mapped = gram(weights, "input")
+    if klt is not None:  # T^T G T = diag(root) V^T G V diag(root)
+        vectors, root = klt.factors()
+        mapped = vectors.T @ mapped  # two steps, so G is freed before the second product
+        mapped = mapped @ vectors
+        mapped.mul_(root[:, None]).mul_(root[None, :])
+    singular, rho, eigenvectors = spectrum(mapped)
+    del mapped
+    basis = _top(eigenvectors, choose_rank(rho))  # B_k [ic, k], orthonormal in KLT space
+    del eigenvectors
+    if klt is None:
+        lift, shared_basis = basis, basis.T.contiguous()
+    else:
+        lift = vectors @ (basis * root[:, None])  # T B_k [ic, k]
+        shared_basis = (vectors @ (basis / root[:, None])).T.contiguous()  # B_k^T T^-1 [k, ic]
     coeffs = [w.double() @ lift for w in weights]
     return SharedDecomposition("input", shared_basis, coeffs, singular, rho)
+
+
+def _decompose_wide(weights: list[torch.Tensor], klt: Klt | None, choose_rank: RankChooser) -> SharedDecomposition:
+    """`decompose` on the input side for a stack `S` [R, ic] with R < ic, from its row-side Gram
+    `S C S^T` [R, R] (C the damped second moment; I without KLT). The spectrum is padded with zeros to
+    ic entries (rho with its final value), the shape the column-side path gives."""
+    stack = torch.cat([w.double() for w in weights])
+    rows, dim = stack.shape
+    row_gram = stack @ klt.second_moment() @ stack.T if klt is not None else stack @ stack.T
+    eigenvalues, vectors = torch.linalg.eigh((row_gram + row_gram.T) / 2)
+    eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0), vectors.flip(1)
+    singular = eigenvalues.sqrt()
+    rho = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-300)
+    rank = choose_rank(torch.cat([rho, rho[-1:].expand(dim - rows)]))
+    kept = min(rank, rows)
+    inverse_singular = torch.where(singular[:kept] > 0, 1 / singular[:kept].clamp_min(1e-300), 0.0)
+    shared_basis = torch.zeros(rank, dim, dtype=torch.float64, device=stack.device)
+    shared_basis[:kept] = (vectors[:, :kept] * inverse_singular).T @ stack  # B_k^T T^-1 = U_k^T S / s_k
+    coeffs = torch.zeros(rows, rank, dtype=torch.float64, device=stack.device)
+    coeffs[:, :kept] = vectors[:, :kept] * singular[:kept]  # S T B_k = U_k s_k
+    padded = torch.zeros(dim - rows, dtype=torch.float64, device=stack.device)
+    return SharedDecomposition("input", shared_basis, list(coeffs.split([w.shape[0] for w in weights])),
+                               torch.cat([singular, padded]), torch.cat([rho, rho[-1:].expand(dim - rows)]))

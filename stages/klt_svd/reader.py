@@ -92,10 +92,30 @@ class SharedParts:
         return shared_part(self.parts[projection].side, self.basis(projection).float(),
                            self.coeffs(projection)[expert].float())
 
+    def share_factors(self, projection: str, expert) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(left [oc, k], right [k, ic]) float32 with `share(projection, expert) == left @ right`, or None."""
+        if expert == SHARED:
+            if projection == "down":
+                name = f"{SHARED}.down"
+                return None if name not in self.parts else _factors(
+                    self.parts[name].side, self.basis(name).float(), self.coeffs(name)[0].float())
+            stacked = self.stacked_shared_coeffs(projection)
+            if stacked is None:
+                return None
+            return stacked.float(), self.tensors[f"{projection}.shared_basis"].float()
+        if projection not in self.parts:
+            return None
+        return _factors(self.parts[projection].side, self.basis(projection).float(), self.coeffs(projection)[expert].float())
+
     def residual(self, projection: str, expert, weight: torch.Tensor) -> torch.Tensor:
         """`W_spec = W - W_share` (docs/method.md §2 step 7), what `vq` quantizes."""
         share = self.share(projection, expert)
         return weight if share is None else weight - share.to(weight.device, weight.dtype)
+
+
+def _factors(side: str, basis: torch.Tensor, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shared_part`'s two factors, left and right: coeffs @ basis (input side), basis^T @ coeffs (output)."""
+    return (coeffs, basis) if side == "input" else (basis.T, coeffs)
 
 
 class KltSvd:

@@ -47,10 +47,10 @@ def open_compare(view: RunView, run_dir: Path) -> CompareRun:
 def down_input_moments(stats: CalibrationLayer) -> list[InputMoments] | None:
     """Each routed expert's down-input mean and covariance over its routed tokens; None if calibrate kept
     no per-expert second moments."""
-    stacked = stats.expert_moments("down")
-    if stacked.sum_xxT is None:
+    if not stats.has_expert_second_moments:
         return None
-    return [input_moments(stacked.sum_x[e], stacked.sum_xxT[e], stacked.count[e]) for e in range(len(stacked.count))]
+    moments = [stats.expert_input("down", e, None) for e in range(len(stats.expert_counts("down")))]
+    return [input_moments(m.sum_x, m.sum_xxT, m.count) for m in moments]
 
 
 def quantized_down(klt: KltSvd, codes: VqCodes, index: int, experts: LayerExperts) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 from kbvq_cli.console import progress_bar
 from kbvq_cli.experts import PROJECTIONS, SHARED, layer_experts
 from kbvq_cli.model_files import ModelSource
-from kbvq_cli.output_error import relative_output_errors
+from kbvq_cli.output_error import vq_output_errors
 from kbvq_cli.recipe import ResolvedStage
 from kbvq_cli.stage_run import StageRun, require_model
 from kbvq_cli.streaming import pick_device
@@ -124,7 +124,9 @@ def quantize_group(experts, parts, stats, layer: int, group: list, settings: VqS
             found = errors[expert]
             found["relative_error"][projection] = float(
                 (residual - approx).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-30))
-            share = weight - residual
-            before, after = relative_output_errors(weight, [share, share + approx], second)
+            factors = parts.share_factors(projection, expert)
+            factors = None if factors is None else tuple(f.to(weight.device) for f in factors)
+            before, after = vq_output_errors(residual, approx, None if factors is None else weight - residual,
+                                             factors, second)
             found["output_error_before"][projection], found["output_error"][projection] = before, after
     return [(VqExpertUnit(codebooks[e], indices[e]), VqExpertMeta(layer, e, **errors[e])) for e in group]
