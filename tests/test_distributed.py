@@ -19,7 +19,10 @@ import yaml
 
 from kbvq_cli.data_parallel import Blocks, add_round, read_blocks
 from kbvq_cli.distributed import assign
+from kbvq_cli.experts import SHARED, layer_experts
+from kbvq_cli.model_files import ModelSource
 from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.units import expert_unit
 from resume_util import PATIENCE, shard_hashes
 from tiny_models import build_tiny_model
 
@@ -148,13 +151,34 @@ def test_an_error_on_every_rank_is_one_line_and_changes_nothing(reference, tmp_p
 
 
 def test_assignment_balances_by_cost_and_depends_only_on_names_and_world_size():
-    names = [f"layer_000.expert_{e:03d}" for e in range(8)] + ["layer_000.shared"]
-    cost = lambda name: 4.0 if name.endswith("shared") else 1.0  # noqa: E731
-    owner = assign(names, cost, size=3)
-    assert owner == assign(list(reversed(names)), cost, size=3)
-    loads = [sum(cost(n) for n in names if owner[n] == rank) for rank in range(3)]
+    costs = {f"layer_000.expert_{e:03d}": 1.0 for e in range(8)} | {"layer_000.shared": 4.0}
+    owner = assign(costs, 3)
+    assert owner == assign(dict(reversed(list(costs.items()))), 3)  # the order the units come in is no input
+    loads = [sum(cost for name, cost in costs.items() if owner[name] == rank) for rank in range(3)]
     assert sorted(loads) == [4.0, 4.0, 4.0]
     assert owner["layer_000.shared"] == 0  # the largest first, to the first rank
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 8])
+def test_a_128_expert_layer_and_its_larger_shared_expert_spread_evenly_by_weight_count(ranks):
+    routed, shared = 3 * 64 * 16, 3 * 64 * 128  # Qwen-like: the shared expert is 8 routed experts' worth
+    costs = {expert_unit(5, e): routed for e in range(128)} | {expert_unit(5, SHARED): shared}
+    owner = assign(costs, ranks)
+    loads = [sum(cost for name, cost in costs.items() if owner[name] == rank) for rank in range(ranks)]
+    assert max(loads) - min(loads) <= routed  # within one routed expert of even
+    by_count = assign(dict.fromkeys(costs, 1.0), ranks)  # counting units instead leaves the shared expert's rank behind
+    count_loads = [sum(cost for name, cost in costs.items() if by_count[name] == rank) for rank in range(ranks)]
+    assert max(count_loads) - min(count_loads) > routed
+
+
+def test_work_estimates_are_the_weight_counts_of_the_checkpoint(tmp_path):
+    source = ModelSource(str(build_tiny_model("qwen2_moe", tmp_path / "model", num_hidden_layers=1)))
+    experts = layer_experts(source, 0)
+    config = source.config
+    assert experts.parameters(0) == 3 * config.hidden_size * config.moe_intermediate_size
+    assert experts.parameters(SHARED) == 3 * config.hidden_size * config.shared_expert_intermediate_size
+    assert sum(source.tensor_sizes.values()) == source.stored_totals()[0]
+    assert source.tensor_sizes["model.embed_tokens.weight"] == config.vocab_size * config.hidden_size
 
 
 def test_blocks_partition_the_sequences_the_same_way_for_any_world_size():
