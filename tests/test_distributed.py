@@ -21,9 +21,11 @@ from kbvq_cli.data_parallel import Blocks, add_round, read_blocks
 from kbvq_cli.distributed import assign
 from kbvq_cli.experts import SHARED, layer_experts
 from kbvq_cli.model_files import ModelSource
+from kbvq_cli.moments import input_moments
 from kbvq_cli.stage_dir import StageDir
 from kbvq_cli.units import expert_unit
 from resume_util import PATIENCE, shard_hashes
+from stages.bcos.parallel import block_rows, ordered_moments
 from tiny_models import build_tiny_model
 
 PAUSE = Path(__file__).with_name("pause_rank.py")
@@ -202,6 +204,27 @@ def test_block_sums_are_added_in_block_order_from_zero():
     for part in parts:
         expected += part
     assert torch.equal(total["x"], expected)
+
+
+def test_propagated_moments_sum_each_blocks_tokens_in_block_order():
+    blocks, per_sequence = Blocks(5, 2), 3  # 5 sequences of 3 tokens in blocks of 2, 2, 1 sequences
+    x = torch.randn(15, 4) * torch.tensor([1e-3, 1.0, 1e3, 1e6])
+    tokens = torch.tensor([0, 2, 5, 6, 7, 13])  # the tokens routed to one expert
+    rows = block_rows(tokens, blocks, per_sequence)
+    assert [rows(block).tolist() for block in range(3)] == [[0, 2, 5], [6, 7], [13]]
+    assert block_rows(None, blocks, per_sequence)(2).tolist() == [12, 13, 14]  # a shared expert: all
+    found = ordered_moments(lambda block: x[rows(block)], 4, blocks, "cpu")
+    sum_x, sum_xxT = torch.zeros(4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64)
+    for block in range(3):  # the defined order: within a block, then blocks from zero
+        part = x[rows(block)]
+        sum_x += part.sum(0, dtype=torch.float64)
+        sum_xxT += (part.T @ part).double()
+    expected = input_moments(sum_x, sum_xxT, 6)
+    assert found.count == 6
+    assert torch.equal(found.mean, expected.mean) and torch.equal(found.covariance, expected.covariance)
+    reference = x[tokens].double()
+    torch.testing.assert_close(found.mean, reference.mean(0))
+    torch.testing.assert_close(found.covariance, torch.cov(reference.T, correction=0), rtol=1e-5, atol=1e-3)
 
 
 def test_activations_of_any_world_size_give_each_rank_its_blocks():
