@@ -112,6 +112,27 @@ def sync(failure: BaseException | None = None) -> None:
         raise PeerFailed(f"rank {failed[0]} failed: {statuses[failed[0]]}")
 
 
+def arrive_together(poll: Callable[[], None], every_s: float) -> None:
+    """Wait until every rank has called this too, calling `poll()` every `every_s` seconds meanwhile (rank
+    0's progress counts the others' units while they finish). A no-op without torchrun."""
+    if not world().distributed:
+        return
+    ensure_group()
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    arrived = dist.all_reduce(torch.zeros(1), async_op=True)  # a CPU tensor: on gloo, like every control message
+    last = time.monotonic()
+    while not arrived.is_completed():
+        time.sleep(0.05)
+        if time.monotonic() - last >= every_s:
+            poll()
+            last = time.monotonic()
+    arrived.wait()
+
+
 def all_gather_object(value) -> list:
     """`value` of every rank, in rank order (a world of one: `[value]`). Small values only (JSON-like)."""
     if not world().distributed:
