@@ -235,6 +235,20 @@ def pack(
             run_pack(resolved, restart=restart, out=out)
 
 
+def rank_zero_alone(command: str) -> bool:
+    """Whether this process runs `command`, one that is not distributed: under torchrun rank 0 runs it
+    (so a script that launches every stage with torchrun works for it too) and the other ranks leave at
+    once, quietly and successfully; without torchrun, always."""
+    from kbvq_cli.console import info
+    from kbvq_cli.distributed import world
+
+    here = world()
+    if here.distributed and here.leader:
+        info(f"{command}: runs in one process; under torchrun rank 0 runs it and the other {here.size - 1} "
+             f"process(es) leave")
+    return here.leader
+
+
 @app.command("eval")
 def evaluate(
     run: RunOption = None,
@@ -264,6 +278,8 @@ def evaluate(
         from kbvq_cli.run_lock import run_lock
         from stages.eval.stage import run as run_eval
 
+        if not rank_zero_alone("eval"):
+            return
         if run is None and recipe is None and model is None:
             raise KbvqError("`kbvq eval` needs --run RUN (its packed model) or --model DIR")
         if run is None and recipe is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,6 +52,12 @@ def finish(process: subprocess.Popen, code: int = 0) -> str:
     output, _ = process.communicate(timeout=PATIENCE)
     assert process.returncode == code, output[-4000:]
     return output
+
+
+def assert_bars_complete(output: str) -> None:
+    """Every progress bar rank 0 drew ended at its total: it counted the units of every rank."""
+    bars = re.findall(r"(\d+)/(\d+) \d+:\d\d:\d\d eta", output)
+    assert bars and all(done == total for done, total in bars), bars
 
 
 def single(*args) -> None:
@@ -110,6 +117,7 @@ def test_kbvq_run_on_two_ranks_writes_the_shards_of_one_process(recipe, referenc
         assert shard_hashes(run / stage) == shard_hashes(reference / stage), stage
         assert not list((run / stage).glob("journal-rank-*")), stage
     assert output.count("calibrate: 3 layers") == 1, output  # rank 0 alone speaks
+    assert_bars_complete(output)
     assert json.loads((run / "eval" / "results.json").read_text())
 
 
@@ -127,7 +135,7 @@ def test_a_rank_killed_mid_vq_resumes_on_another_world_size_with_the_same_bytes(
     kill_rank_after(2, 1, 3, tmp_path / "paused", "vq", "--run", run)
     journal = json.loads((run / "vq" / "journal-rank-001.json").read_text())
     assert len(journal["units"]) == 3  # what the killed rank had committed
-    finish(torchrun(3, "vq", "--run", run))
+    assert_bars_complete(finish(torchrun(3, "vq", "--run", run)))
     assert shard_hashes(run / "vq") == shard_hashes(reference / "vq")
     assert not list((run / "vq").glob("journal-rank-*"))
 
@@ -150,6 +158,17 @@ def test_an_error_on_every_rank_is_one_line_and_changes_nothing(reference, tmp_p
     output = finish(torchrun(2, "vq", "--run", run, "--device", "cuda"), code=1)  # torchrun's own status
     assert output.count("error: --device cuda asked for, but no CUDA device is visible") == 1, output
     assert sorted(p.name for p in run.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_eval_under_torchrun_runs_on_rank_zero_alone(reference, tmp_path):
+    run = _copy(reference, tmp_path / "eval", "calibrate", "klt-svd", "vq", "bcos", "pack")
+    output = finish(torchrun(2, "eval", "--run", run, "--json"))
+    assert output.count("eval: runs in one process; under torchrun rank 0 runs it") == 1, output
+    found = json.loads((run / "eval" / "results.json").read_text())
+    assert found == json.loads((reference / "eval" / "results.json").read_text())
+    printed = [line for line in output.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and json.loads(printed[0]) == json.loads(output.strip().splitlines()[-1])  # rank 0's
 
 
 def test_assignment_balances_by_cost_and_depends_only_on_names_and_world_size():
