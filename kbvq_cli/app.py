@@ -235,20 +235,6 @@ def pack(
             run_pack(resolved, restart=restart, out=out)
 
 
-def rank_zero_alone(command: str) -> bool:
-    """Whether this process runs `command`, one that is not distributed: under torchrun rank 0 runs it
-    (so a script that launches every stage with torchrun works for it too) and the other ranks leave at
-    once, quietly and successfully; without torchrun, always."""
-    from kbvq_cli.console import info
-    from kbvq_cli.distributed import world
-
-    here = world()
-    if here.distributed and here.leader:
-        info(f"{command}: runs in one process; under torchrun rank 0 runs it and the other {here.size - 1} "
-             f"process(es) leave")
-    return here.leader
-
-
 @app.command("eval")
 def evaluate(
     run: RunOption = None,
@@ -274,6 +260,7 @@ def evaluate(
     with user_errors():
         from pathlib import Path
 
+        from kbvq_cli.distributed import rank_zero_alone
         from kbvq_cli.recipe import model_short_name, resolve_stage
         from kbvq_cli.run_lock import run_lock
         from stages.eval.stage import run as run_eval

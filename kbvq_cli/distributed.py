@@ -171,6 +171,19 @@ def mine(items: Sequence[T], name: Callable[[T], str], cost: Callable[[T], float
     return [item for item in items if owner[name(item)] == here.rank]
 
 
+def rank_zero_alone(command: str) -> bool:
+    """Whether this process runs `command`, one that is not distributed: under torchrun rank 0 runs it
+    (so a script that launches every stage with torchrun works for it too) and the other ranks leave at
+    once, quietly and successfully; without torchrun, always."""
+    from kbvq_cli.console import info
+
+    here = world()
+    if here.distributed and here.leader:
+        info(f"{command}: runs in one process; under torchrun rank 0 runs it and the other {here.size - 1} "
+             f"process(es) leave")
+    return here.leader
+
+
 def leave_on_error(error: BaseException) -> bool:
     """Whether this rank should print `error` itself: every rank prints its own failure except one whose
     failure is a peer's (`PeerFailed`). A rank other than 0 waits a moment first: when the same error hits
