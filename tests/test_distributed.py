@@ -171,6 +171,14 @@ def test_eval_under_torchrun_runs_on_rank_zero_alone(reference, tmp_path):
     assert len(printed) == 1 and json.loads(printed[0]) == json.loads(output.strip().splitlines()[-1])  # rank 0's
 
 
+def test_eval_on_a_rank_other_than_zero_leaves_at_once_and_writes_nothing(tmp_path):
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}  # what torchrun gives its rank 1
+    result = subprocess.run([sys.executable, "-m", "kbvq_cli", "eval", "--run", str(tmp_path / "run")], env=env,
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert not list(tmp_path.iterdir())
+
+
 def test_assignment_balances_by_cost_and_depends_only_on_names_and_world_size():
     costs = {f"layer_000.expert_{e:03d}": 1.0 for e in range(8)} | {"layer_000.shared": 4.0}
     owner = assign(costs, 3)
