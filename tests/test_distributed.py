@@ -130,6 +130,14 @@ def test_propagated_bcos_on_two_ranks_matches_one_process(reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_gptq_on_two_ranks_matches_one_process(reference, tmp_path):
+    runs = {name: _copy(reference, tmp_path / name, "calibrate") for name in ("one", "two")}
+    single("gptq", "--run", runs["one"])
+    assert_bars_complete(finish(torchrun(2, "gptq", "--run", runs["two"])))
+    assert shard_hashes(runs["two"] / "gptq") == shard_hashes(runs["one"] / "gptq")
+
+
+@pytest.mark.slow
 def test_a_rank_killed_mid_vq_resumes_on_another_world_size_with_the_same_bytes(reference, tmp_path):
     run = _copy(reference, tmp_path / "killed", "calibrate", "klt-svd")
     kill_rank_after(2, 1, 3, tmp_path / "paused", "vq", "--run", run)
