@@ -267,10 +267,13 @@ def evaluate(
     with user_errors():
         from pathlib import Path
 
+        from kbvq_cli.distributed import rank_zero_alone
         from kbvq_cli.recipe import model_short_name, resolve_stage
         from kbvq_cli.run_lock import run_lock
         from stages.eval.stage import run as run_eval
 
+        if not rank_zero_alone("eval"):
+            return
         if run is None and recipe is None and model is None:
             raise KbvqError("`kbvq eval` needs --run RUN (its packed model) or --model DIR")
         if run is None and recipe is None:

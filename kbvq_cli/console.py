@@ -64,7 +64,8 @@ def error(message: str) -> None:
 
 
 def set_others_progress(count: Callable[[], int] | None) -> None:
-    """Rank 0: add `count()` (units the other ranks have finished) to the progress bars from now on."""
+    """Under torchrun, while a stage runs (every rank, None when it ends): rank 0 adds `count()` (units
+    the other ranks have finished) to its progress bars; the others pass `lambda: 0`."""
     _others.clear()
     if count is not None:
         _others.append(count)
@@ -90,7 +91,9 @@ def progress_bar() -> Iterator[Progress]:
 
 @contextmanager
 def _counting_others(progress: Progress) -> Iterator[None]:
-    """While the bar shows, advance its first task by what the other ranks finish (polled)."""
+    """While the bar shows, advance its first task by what the other ranks finish (polled). Every rank
+    leaves the bar together, so rank 0's stays until the last rank has finished its share and ends at
+    the whole job's total; a rank that fails leaves at once (torchrun then ends the job)."""
     if not _others:
         yield
         return
@@ -113,4 +116,7 @@ def _counting_others(progress: Progress) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-        apply()
+    from kbvq_cli.distributed import arrive_together
+
+    arrive_together(apply, POLL_S)
+    apply()

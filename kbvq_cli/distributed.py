@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Mapping, Sequence, TypeVar
 
 from kbvq_cli.errors import KbvqError
 
@@ -112,6 +112,27 @@ def sync(failure: BaseException | None = None) -> None:
         raise PeerFailed(f"rank {failed[0]} failed: {statuses[failed[0]]}")
 
 
+def arrive_together(poll: Callable[[], None], every_s: float) -> None:
+    """Wait until every rank has called this too, calling `poll()` every `every_s` seconds meanwhile (rank
+    0's progress counts the others' units while they finish). A no-op without torchrun."""
+    if not world().distributed:
+        return
+    ensure_group()
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    arrived = dist.all_reduce(torch.zeros(1), async_op=True)  # a CPU tensor: on gloo, like every control message
+    last = time.monotonic()
+    while not arrived.is_completed():
+        time.sleep(0.05)
+        if time.monotonic() - last >= every_s:
+            poll()
+            last = time.monotonic()
+    arrived.wait()
+
+
 def all_gather_object(value) -> list:
     """`value` of every rank, in rank order (a world of one: `[value]`). Small values only (JSON-like)."""
     if not world().distributed:
@@ -124,31 +145,43 @@ def all_gather_object(value) -> list:
     return found
 
 
-def assign(names: Sequence[str], cost: Callable[[str], float] | None = None, size: int | None = None
-           ) -> dict[str, int]:
-    """Unit name -> rank: longest processing time first, by `cost` (ties by name), each unit to the rank
-    with the least work so far (ties by rank). Depends only on the names, the costs and the world size."""
-    size = world().size if size is None else size
-    cost = cost or (lambda _: 1.0)
-    order = sorted(names, key=lambda name: (-cost(name), name))
+def assign(costs: Mapping[str, float], size: int) -> dict[str, int]:
+    """Unit name -> rank, from each unit's cost estimate (e.g. its parameter count): longest processing
+    time first (ties by name), each unit to the rank with the least work so far (ties by rank). A pure
+    function of the names, the costs and the world size, so every rank computes the same assignment."""
+    order = sorted(costs, key=lambda name: (-costs[name], name))
     loads = [(0.0, rank) for rank in range(size)]
     heapq.heapify(loads)
     owner = {}
     for name in order:
         load, rank = heapq.heappop(loads)
         owner[name] = rank
-        heapq.heappush(loads, (load + cost(name), rank))
+        heapq.heappush(loads, (load + costs[name], rank))
     return owner
 
 
 def mine(items: Sequence[T], name: Callable[[T], str], cost: Callable[[T], float] | None = None) -> list[T]:
-    """The items of `items` this rank does, in their given order (all of them without torchrun)."""
+    """The items of `items` this rank does, in their given order (all of them without torchrun). `cost`
+    estimates an item's work (same on every rank: from shapes or the model's config); default 1 each."""
     here = world()
     if not here.distributed:
         return list(items)
-    by_name = {name(item): item for item in items}
-    owner = assign(list(by_name), (lambda key: cost(by_name[key])) if cost else None, here.size)
+    costs = {name(item): float(cost(item)) if cost else 1.0 for item in items}
+    owner = assign(costs, here.size)
     return [item for item in items if owner[name(item)] == here.rank]
+
+
+def rank_zero_alone(command: str) -> bool:
+    """Whether this process runs `command`, one that is not distributed: under torchrun rank 0 runs it
+    (so a script that launches every stage with torchrun works for it too) and the other ranks leave at
+    once, quietly and successfully; without torchrun, always."""
+    from kbvq_cli.console import info
+
+    here = world()
+    if here.distributed and here.leader:
+        info(f"{command}: runs in one process; under torchrun rank 0 runs it and the other {here.size - 1} "
+             f"process(es) leave")
+    return here.leader
 
 
 def leave_on_error(error: BaseException) -> bool:

@@ -34,6 +34,10 @@ class LayerExperts:
     def expert_ids(self) -> list:
         return expert_ids(self.num_experts, bool(self.shared))
 
+    def parameters(self, expert) -> int:
+        """The weight count of one expert (its three projections): its work estimate under torchrun."""
+        return sum(self.matrix(projection, expert).numel() for projection in PROJECTIONS)
+
 
 def layer_experts(source: ModelSource, index: int, dtype=torch.float32, device="cpu") -> LayerExperts | None:
     """The experts of decoder layer `index`, or None if it is a dense layer."""

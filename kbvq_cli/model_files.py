@@ -120,6 +120,18 @@ class ModelSource:
                 layers.setdefault(int(match.group(1)), []).append(name)
         return layers
 
+    @cached_property
+    def tensor_sizes(self) -> dict[str, int]:
+        """Name -> element count of every tensor, from the safetensors headers alone (work estimates)."""
+        sizes = {}
+        for file in sorted(set(self.weight_map.values())):
+            for name, entry in safetensors_header(self.path / file).items():
+                count = 1
+                for size in entry["shape"]:
+                    count *= size
+                sizes[name] = count
+        return sizes
+
     def stored_totals(self) -> tuple[int, int]:
         """(parameters, bytes of tensor data) in the checkpoint's safetensors files, from their headers."""
         parameters = data = 0

@@ -70,7 +70,8 @@ class StageRun:
             stage_dir = StageDir(resolved.run_dir / name, read_manifest(resolved.run_dir / name))
             stage_dir.follower = True
             stage = cls(name, stage_dir, upstream_dirs(resolved, name))
-        set_others_progress(stage._others_done if here.leader else None)
+        if not stage.complete:  # rank 0's bars count every rank's units; every rank leaves a bar together
+            set_others_progress(stage._others_done if here.leader else lambda: 0)
         return stage
 
     @classmethod
@@ -104,6 +105,7 @@ class StageRun:
 
     def skip(self) -> dict:
         """A complete stage is verified (on open) and skipped: its recorded summary."""
+        set_others_progress(None)
         info(f"{self.name}: already complete in {self.dir.path}")
         return self.dir.manifest["summary"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,8 +20,13 @@ import yaml
 
 from kbvq_cli.data_parallel import Blocks, add_round, read_blocks
 from kbvq_cli.distributed import assign
+from kbvq_cli.experts import SHARED, layer_experts
+from kbvq_cli.model_files import ModelSource
+from kbvq_cli.moments import input_moments
 from kbvq_cli.stage_dir import StageDir
+from kbvq_cli.units import expert_unit
 from resume_util import PATIENCE, shard_hashes
+from stages.bcos.parallel import block_rows, ordered_moments
 from tiny_models import build_tiny_model
 
 PAUSE = Path(__file__).with_name("pause_rank.py")
@@ -46,6 +52,12 @@ def finish(process: subprocess.Popen, code: int = 0) -> str:
     output, _ = process.communicate(timeout=PATIENCE)
     assert process.returncode == code, output[-4000:]
     return output
+
+
+def assert_bars_complete(output: str) -> None:
+    """Every progress bar rank 0 drew ended at its total: it counted the units of every rank."""
+    bars = re.findall(r"(\d+)/(\d+) \d+:\d\d:\d\d eta", output)
+    assert bars and all(done == total for done, total in bars), bars
 
 
 def single(*args) -> None:
@@ -105,6 +117,7 @@ def test_kbvq_run_on_two_ranks_writes_the_shards_of_one_process(recipe, referenc
         assert shard_hashes(run / stage) == shard_hashes(reference / stage), stage
         assert not list((run / stage).glob("journal-rank-*")), stage
     assert output.count("calibrate: 3 layers") == 1, output  # rank 0 alone speaks
+    assert_bars_complete(output)
     assert json.loads((run / "eval" / "results.json").read_text())
 
 
@@ -117,12 +130,20 @@ def test_propagated_bcos_on_two_ranks_matches_one_process(reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_gptq_on_two_ranks_matches_one_process(reference, tmp_path):
+    runs = {name: _copy(reference, tmp_path / name, "calibrate") for name in ("one", "two")}
+    single("gptq", "--run", runs["one"])
+    assert_bars_complete(finish(torchrun(2, "gptq", "--run", runs["two"])))
+    assert shard_hashes(runs["two"] / "gptq") == shard_hashes(runs["one"] / "gptq")
+
+
+@pytest.mark.slow
 def test_a_rank_killed_mid_vq_resumes_on_another_world_size_with_the_same_bytes(reference, tmp_path):
     run = _copy(reference, tmp_path / "killed", "calibrate", "klt-svd")
     kill_rank_after(2, 1, 3, tmp_path / "paused", "vq", "--run", run)
     journal = json.loads((run / "vq" / "journal-rank-001.json").read_text())
     assert len(journal["units"]) == 3  # what the killed rank had committed
-    finish(torchrun(3, "vq", "--run", run))
+    assert_bars_complete(finish(torchrun(3, "vq", "--run", run)))
     assert shard_hashes(run / "vq") == shard_hashes(reference / "vq")
     assert not list((run / "vq").glob("journal-rank-*"))
 
@@ -147,14 +168,54 @@ def test_an_error_on_every_rank_is_one_line_and_changes_nothing(reference, tmp_p
     assert sorted(p.name for p in run.rglob("*")) == before
 
 
+@pytest.mark.slow
+def test_eval_under_torchrun_runs_on_rank_zero_alone(reference, tmp_path):
+    run = _copy(reference, tmp_path / "eval", "calibrate", "klt-svd", "vq", "bcos", "pack")
+    output = finish(torchrun(2, "eval", "--run", run, "--json"))
+    assert output.count("eval: runs in one process; under torchrun rank 0 runs it") == 1, output
+    found = json.loads((run / "eval" / "results.json").read_text())
+    assert found == json.loads((reference / "eval" / "results.json").read_text())
+    printed = [line for line in output.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and json.loads(printed[0]) == json.loads(output.strip().splitlines()[-1])  # rank 0's
+
+
+def test_eval_on_a_rank_other_than_zero_leaves_at_once_and_writes_nothing(tmp_path):
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}  # what torchrun gives its rank 1
+    result = subprocess.run([sys.executable, "-m", "kbvq_cli", "eval", "--run", str(tmp_path / "run")], env=env,
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert not list(tmp_path.iterdir())
+
+
 def test_assignment_balances_by_cost_and_depends_only_on_names_and_world_size():
-    names = [f"layer_000.expert_{e:03d}" for e in range(8)] + ["layer_000.shared"]
-    cost = lambda name: 4.0 if name.endswith("shared") else 1.0  # noqa: E731
-    owner = assign(names, cost, size=3)
-    assert owner == assign(list(reversed(names)), cost, size=3)
-    loads = [sum(cost(n) for n in names if owner[n] == rank) for rank in range(3)]
+    costs = {f"layer_000.expert_{e:03d}": 1.0 for e in range(8)} | {"layer_000.shared": 4.0}
+    owner = assign(costs, 3)
+    assert owner == assign(dict(reversed(list(costs.items()))), 3)  # the order the units come in is no input
+    loads = [sum(cost for name, cost in costs.items() if owner[name] == rank) for rank in range(3)]
     assert sorted(loads) == [4.0, 4.0, 4.0]
     assert owner["layer_000.shared"] == 0  # the largest first, to the first rank
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 8])
+def test_a_128_expert_layer_and_its_larger_shared_expert_spread_evenly_by_weight_count(ranks):
+    routed, shared = 3 * 64 * 16, 3 * 64 * 128  # Qwen-like: the shared expert is 8 routed experts' worth
+    costs = {expert_unit(5, e): routed for e in range(128)} | {expert_unit(5, SHARED): shared}
+    owner = assign(costs, ranks)
+    loads = [sum(cost for name, cost in costs.items() if owner[name] == rank) for rank in range(ranks)]
+    assert max(loads) - min(loads) <= routed  # within one routed expert of even
+    by_count = assign(dict.fromkeys(costs, 1.0), ranks)  # counting units instead leaves the shared expert's rank behind
+    count_loads = [sum(cost for name, cost in costs.items() if by_count[name] == rank) for rank in range(ranks)]
+    assert max(count_loads) - min(count_loads) > routed
+
+
+def test_work_estimates_are_the_weight_counts_of_the_checkpoint(tmp_path):
+    source = ModelSource(str(build_tiny_model("qwen2_moe", tmp_path / "model", num_hidden_layers=1)))
+    experts = layer_experts(source, 0)
+    config = source.config
+    assert experts.parameters(0) == 3 * config.hidden_size * config.moe_intermediate_size
+    assert experts.parameters(SHARED) == 3 * config.hidden_size * config.shared_expert_intermediate_size
+    assert sum(source.tensor_sizes.values()) == source.stored_totals()[0]
+    assert source.tensor_sizes["model.embed_tokens.weight"] == config.vocab_size * config.hidden_size
 
 
 def test_blocks_partition_the_sequences_the_same_way_for_any_world_size():
@@ -178,6 +239,27 @@ def test_block_sums_are_added_in_block_order_from_zero():
     for part in parts:
         expected += part
     assert torch.equal(total["x"], expected)
+
+
+def test_propagated_moments_sum_each_blocks_tokens_in_block_order():
+    blocks, per_sequence = Blocks(5, 2), 3  # 5 sequences of 3 tokens in blocks of 2, 2, 1 sequences
+    x = torch.randn(15, 4) * torch.tensor([1e-3, 1.0, 1e3, 1e6])
+    tokens = torch.tensor([0, 2, 5, 6, 7, 13])  # the tokens routed to one expert
+    rows = block_rows(tokens, blocks, per_sequence)
+    assert [rows(block).tolist() for block in range(3)] == [[0, 2, 5], [6, 7], [13]]
+    assert block_rows(None, blocks, per_sequence)(2).tolist() == [12, 13, 14]  # a shared expert: all
+    found = ordered_moments(lambda block: x[rows(block)], 4, blocks, "cpu")
+    sum_x, sum_xxT = torch.zeros(4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64)
+    for block in range(3):  # the defined order: within a block, then blocks from zero
+        part = x[rows(block)]
+        sum_x += part.sum(0, dtype=torch.float64)
+        sum_xxT += (part.T @ part).double()
+    expected = input_moments(sum_x, sum_xxT, 6)
+    assert found.count == 6
+    assert torch.equal(found.mean, expected.mean) and torch.equal(found.covariance, expected.covariance)
+    reference = x[tokens].double()
+    torch.testing.assert_close(found.mean, reference.mean(0))
+    torch.testing.assert_close(found.covariance, torch.cov(reference.T, correction=0), rtol=1e-5, atol=1e-3)
 
 
 def test_activations_of_any_world_size_give_each_rank_its_blocks():

@@ -9,6 +9,10 @@ earlier layer's experts replaced by `What` with their BCOS corrections). At each
 4. the corrected layer is installed and the stream advances.
 So each correction also removes the drift accumulated upstream (the paper's motivation, Fig. 3).
 Activations are committed with each layer, so a killed run resumes where it stopped.
+
+Under torchrun each rank streams its own blocks of sequences and the moments are summed in block order
+across ranks (`stages.bcos.parallel`), so every rank computes the same corrections, bit-identical to one
+process; rank 0 commits them with every rank's activations.
 """
 
 from __future__ import annotations
@@ -18,22 +22,19 @@ import torch
 from kbvq_cli.activations import commit_layer, plan_layers
 from kbvq_cli.console import progress_bar
 from kbvq_cli.corrected_experts import CorrectedExperts, corrected_linear, fold
+from kbvq_cli.data_parallel import Blocks
 from kbvq_cli.experts import PROJECTIONS, SHARED, LayerExperts, layer_experts, routed_tokens
-from kbvq_cli.moments import input_moments
+from kbvq_cli.moments import InputMoments
 from kbvq_cli.streaming import LayerStreamer, module_at
 from kbvq_cli.units import layer_unit
 from stages.bcos.core import bcos_correction
+from stages.bcos.parallel import block_rows, ordered_moments
 from stages.bcos.reader import STORE_DTYPE, BcosLayerMeta, BcosLayerUnit, Correction
 
 
-def _moments_of(x: torch.Tensor):
-    x = x.float()
-    return input_moments(x.sum(0, dtype=torch.float64), (x.T @ x).double(), x.shape[0])
-
-
-def _correct(experts, quantized, stats, projection, expert, q_input, settings):
+def _correct(experts, quantized, stats, projection, expert, q_moments: InputMoments, settings):
     return bcos_correction(experts.matrix(projection, expert), quantized[(projection, expert)],
-                           stats.expert_input_moments(expert, projection, experts.shared_path), _moments_of(q_input),
+                           stats.expert_input_moments(expert, projection, experts.shared_path), q_moments,
                            mode=settings.mode, min_tokens=settings.min_tokens, min_std_ratio=settings.min_std_ratio)
 
 
@@ -43,18 +44,27 @@ def _apply(weight, correction, x):
 
 
 def layer_corrections(experts: LayerExperts, quantized: dict, stats, x: torch.Tensor, routing: torch.Tensor,
-                      act_fns: dict, settings) -> tuple[BcosLayerUnit, list[str]]:
-    """Corrections of one MoE layer from its quantized-stream block input `x [T, H]` and routing `[T, k]`."""
+                      act_fns: dict, settings, blocks: Blocks) -> tuple[BcosLayerUnit, list[str]]:
+    """Corrections of one MoE layer from its quantized-stream block input `x [T, H]` and routing `[T, k]`
+    (this rank's `blocks` of sequences, in block order; the moments are summed over every rank's)."""
     tokens_of = routed_tokens(routing, experts.num_experts)
+    per_sequence = x.shape[0] // max(sum(end - begin for begin, end in map(blocks.span, blocks.mine())), 1)
     per_projection = {p: {} for p in PROJECTIONS}
     starved = []
     for expert in experts.expert_ids():
-        xe = x if expert == SHARED else x[tokens_of[expert]]
-        gate = _correct(experts, quantized, stats, "gate", expert, xe, settings)
-        up = _correct(experts, quantized, stats, "up", expert, xe, settings)
+        rows = block_rows(None if expert == SHARED else tokens_of[expert], blocks, per_sequence)
+        xe = lambda block: x[rows(block)]  # noqa: E731  (this expert's tokens of one block)
+        x_moments = ordered_moments(xe, x.shape[1], blocks, x.device)
+        gate = _correct(experts, quantized, stats, "gate", expert, x_moments, settings)
+        up = _correct(experts, quantized, stats, "up", expert, x_moments, settings)
         act = act_fns[SHARED if expert == SHARED else "routed"]
-        h = act(_apply(quantized[("gate", expert)], gate, xe)) * _apply(quantized[("up", expert)], up, xe)
-        down = _correct(experts, quantized, stats, "down", expert, h, settings)
+
+        def h(block):  # the down input through the corrected gate and up (called at once: no late binding)
+            return act(_apply(quantized[("gate", expert)], gate, xe(block))) * _apply(quantized[("up", expert)], up,
+                                                                                       xe(block))
+
+        h_moments = ordered_moments(h, quantized[("down", expert)].shape[1], blocks, x.device)
+        down = _correct(experts, quantized, stats, "down", expert, h_moments, settings)
         for projection, correction in (("gate", gate), ("up", up), ("down", down)):
             per_projection[projection][expert] = correction
         if gate.starved:
@@ -118,14 +128,14 @@ def run_stream(streamer: LayerStreamer, layer, index: int, hidden, batch_size: i
     return output
 
 
-def run_propagated(stage_dir, source, calibration, klt, codes, settings, device) -> None:
+def run_propagated(stage_dir, source, calibration, klt, codes, settings, device, blocks: Blocks) -> None:
     """The layer loop of `--propagate`, resumable: activations are committed with each layer. A layer whose
     unit is already there (before one a resume must redo) is run with its recorded corrections installed,
-    so the stream it passes on is the one an uninterrupted run saw."""
+    so the stream it passes on is the one an uninterrupted run saw. `blocks`: this rank's sequences."""
     streamer = LayerStreamer(source, device)
     moe_layers = set(klt.layers())
     todo = [index for index in sorted(moe_layers) if not stage_dir.has_unit(layer_unit(index))]
-    plan = plan_layers(stage_dir, todo, lambda: streamer.embed(calibration.tokens()))
+    plan = plan_layers(stage_dir, todo, lambda: streamer.embed(blocks.select(calibration.tokens())), blocks)
     if plan is None:
         return
     hidden, batch_size = plan.hidden, 1
@@ -139,23 +149,23 @@ def run_propagated(stage_dir, source, calibration, klt, codes, settings, device)
                 quantized = codes.quantized_layer(experts, klt, index, device)
                 if index in plan.todo:
                     corrections, unit = _correct_layer(streamer, layer, index, hidden, experts, quantized,
-                                                       calibration, settings, device)
+                                                       calibration, settings, device, blocks)
                 else:
                     corrections = BcosLayerUnit.from_tensors(stage_dir.read_unit(layer_unit(index), device))
                 install_corrections(layer, source.adapter, experts, quantized, corrections)
             last = plan.is_last(index)
             hidden = hidden if last else run_stream(streamer, layer, index, hidden, batch_size, device)
-            commit_layer(stage_dir, index, unit, None if last else hidden, {})
+            commit_layer(stage_dir, index, unit, None if last else hidden, {}, blocks)
             progress.advance(task)
 
 
-def _correct_layer(streamer, layer, index, hidden, experts, quantized, calibration, settings, device):
+def _correct_layer(streamer, layer, index, hidden, experts, quantized, calibration, settings, device, blocks):
     """One MoE layer's corrections from the quantized stream: (corrections, the unit to commit)."""
     x, routing = capture_block_inputs(streamer, layer, index, hidden, 1, device)
     act_fns = {"routed": module_at(layer, streamer.adapter.experts).act_fn}
     if experts.shared:
         act_fns[SHARED] = module_at(layer, experts.shared_path).act_fn
     corrections, starved = layer_corrections(experts, quantized, calibration.layer(index, device), x, routing,
-                                             act_fns, settings)
+                                             act_fns, settings, blocks)
     unit = (layer_unit(index), corrections.to_tensors(), BcosLayerMeta(index, starved, 0, None, None).to_json())
     return corrections, unit

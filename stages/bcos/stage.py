@@ -23,6 +23,7 @@ from kbvq_cli.streaming import pick_device
 from kbvq_cli.units import layer_unit
 from stages.bcos.config import BcosSettings
 from stages.bcos.core import bcos_correction
+from stages.bcos.parallel import propagation_blocks
 from stages.bcos.propagate import run_propagated
 from stages.bcos.reader import STAGE, BcosLayerMeta, BcosLayerUnit, Correction
 from stages.calibrate.reader import Calibration, CalibrationLayer
@@ -35,12 +36,13 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     calibration, klt, codes = Calibration(resolved.run_dir), KltSvd(resolved.run_dir), VqCodes(resolved.run_dir)
     source = ModelSource(require_model(resolved))
     device = pick_device(settings.device)
+    blocks = propagation_blocks(calibration) if settings.propagate else None  # refused before any write
     stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint())
     if stage.complete:
         return stage.skip()
     layers = klt.layers()
     if settings.propagate:
-        run_propagated(stage.dir, source, calibration, klt, codes, settings, device)
+        run_propagated(stage.dir, source, calibration, klt, codes, settings, device, blocks)
         return _finish(stage, layers)
     with progress_bar() as progress:
         task = progress.add_task("bcos layers", total=len(layers))

@@ -229,6 +229,11 @@ class Calibration:
     def tokens(self) -> torch.Tensor:
         return self.stage_dir.read_aux("tokens")["input_ids"]
 
+    @property
+    def block_size(self) -> int:
+        """Sequences per block of the data-parallel partition (`kbvq_cli.data_parallel`): calibrate's batch size."""
+        return int(self.stage_dir.manifest["config"].get("batch_size", 1))
+
 
 def _refuse_non_finite(index: int, tensors: dict[str, torch.Tensor]) -> None:
     """NaN/inf sums mean the model's activations overflowed in that layer: every later stage would turn

@@ -50,11 +50,13 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
                 continue
             experts = layer_experts(source, index, torch.float32, device)
             stats = calibration.layer(index, device)
-            for expert in stage.mine(todo, lambda e: expert_unit(index, e)):  # under torchrun
+            absent = [e for e in todo if e not in experts.expert_ids()]  # e.g. no shared expert in this layer
+            progress.advance(task, len(absent))  # on every rank: rank 0's bar counts them too
+            todo = [e for e in todo if e not in absent]
+            for expert in stage.mine(todo, lambda e: expert_unit(index, e), experts.parameters):  # under torchrun
                 progress.update(task, description=f"{settings.method} layer {index} expert {expert}")
-                if expert in experts.expert_ids():  # e.g. no shared expert in this layer
-                    unit, meta = quantize_expert(experts, stats, index, expert, settings)
-                    stage.dir.write_unit(expert_unit(index, expert), unit.to_tensors(), meta.to_json())
+                unit, meta = quantize_expert(experts, stats, index, expert, settings)
+                stage.dir.write_unit(expert_unit(index, expert), unit.to_tensors(), meta.to_json())
                 progress.advance(task)
     return _finish(stage, settings, len(layers))
 

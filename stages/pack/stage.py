@@ -207,13 +207,22 @@ def pack_nonexpert(nonexpert: NonExpertCodes | None, source: ModelSource, index:
     return found
 
 
+def _unit_size(source: ModelSource, index) -> int:
+    """The weight count of layer `index`, or of the rest (`REST_UNIT`: embeddings, final norm, head)."""
+    sizes, prefix = source.tensor_sizes, source.adapter.layers_prefix + "."
+    if index == REST_UNIT:
+        return sum(size for name, size in sizes.items() if not name.startswith(prefix))
+    return sum(sizes[name] for name in source.layer_tensor_names.get(index, []))
+
+
 def _pack_all(stage: StageRun, source: ModelSource, packer, nonexpert: NonExpertCodes | None,
               settings: PackSettings) -> None:
     stage_dir, quantized_layers = stage.dir, set(packer.layers)
     with progress_bar() as progress:
         task = progress.add_task("pack layers", total=source.num_layers + 1)
         # under torchrun, this rank's share of the layers and the rest (embeddings, head)
-        share = stage.mine([*range(source.num_layers), REST_UNIT], lambda i: i if i == REST_UNIT else layer_unit(i))
+        share = stage.mine([*range(source.num_layers), REST_UNIT], lambda i: i if i == REST_UNIT else layer_unit(i),
+                           lambda i: _unit_size(source, i))
         for index in (i for i in share if i != REST_UNIT):
             name = layer_unit(index)
             if not stage_dir.has_unit(name):

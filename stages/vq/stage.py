@@ -60,7 +60,8 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
             progress.advance(task, len(absent))
             todo = [e for e in todo if e not in absent]
             groups = _groups(todo, settings.expert_batch if settings.backend == "torch" else 1)
-            for group in stage.mine(groups, lambda g: expert_unit(index, g[0]), cost=len):  # under torchrun
+            size = lambda g: sum(experts.parameters(e) for e in g)  # noqa: E731  (the shared expert weighs more)
+            for group in stage.mine(groups, lambda g: expert_unit(index, g[0]), size):  # under torchrun
                 progress.update(task, description=f"vq layer {index} expert {group[0]}")
                 for unit, meta in quantize_group(experts, parts, stats, index, group, settings, backend):
                     stage.dir.write_unit(expert_unit(index, meta.expert), unit.to_tensors(), meta.to_json())
