@@ -70,7 +70,9 @@ def _stage_records(run) -> dict:
     return records
 
 
-@pytest.mark.parametrize("preset", ["kbvq-w2", "vq-w2", "rtn-w2"])
+# End to end for the paper's method only (about 40 s); the other presets resolve to their shipped recipes'
+# settings exactly (test_the_paper_presets_are_the_shipped_recipes), through the same code path.
+@pytest.mark.parametrize("preset", ["kbvq-w2"])
 def test_a_paper_preset_gives_the_shipped_recipe_s_results(preset, tmp_path, tiny_model_dir, calib_text):
     """The same model and data through `--preset` and through the shipped recipe file: the same settings
     hashes, the same shards bit for bit, the same packed files and the same perplexity."""
