@@ -15,7 +15,6 @@ import torch
 
 from kbvq_cli.stage_dir import StageDir
 from kbvq_cli.units import SHARED, layer_unit, unit_layer
-from stages.klt_svd.core import shared_part
 
 STAGE = "klt-svd"
 
@@ -78,19 +77,9 @@ class SharedParts:
         return self.tensors.get(f"{projection}.shared_expert_coeffs")
 
     def share(self, projection: str, expert) -> torch.Tensor | None:
-        if expert == SHARED:
-            if projection == "down":
-                name = f"{SHARED}.down"
-                return None if name not in self.parts else shared_part(
-                    self.parts[name].side, self.basis(name).float(), self.coeffs(name)[0].float())
-            stacked = self.stacked_shared_coeffs(projection)
-            if stacked is None:
-                return None
-            return shared_part("input", self.tensors[f"{projection}.shared_basis"].float(), stacked.float())
-        if projection not in self.parts:
-            return None
-        return shared_part(self.parts[projection].side, self.basis(projection).float(),
-                           self.coeffs(projection)[expert].float())
+        """`W_share` [oc, ic] float32 of one expert (or the shared expert), or None where none was split off."""
+        factors = self.share_factors(projection, expert)
+        return None if factors is None else factors[0] @ factors[1]
 
     def share_factors(self, projection: str, expert) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(left [oc, k], right [k, ic]) float32 with `share(projection, expert) == left @ right`, or None."""
