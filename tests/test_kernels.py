@@ -194,6 +194,64 @@ def test_cpu_single_token_gather_on_any_group_count(d, groups):
     assert_close(out, expected, tolerance=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bcos", [False, True], ids=["plain", "bcos"])
+@pytest.mark.parametrize("side", [None, "input", "output"], ids=["no-basis", "input-side", "output-side"])
+@pytest.mark.parametrize("bits,d", [(8, 4), (12, 4), (16, 8), (8, 2), (6, 3)])
+def test_fused_decode_projection_matches_float64(bits, d, side, bcos, dtype):
+    """The whole projection in one compiled call (`fused_decode`): 16-bit parts read as stored, every chunk
+    width (1, 2, 3 and 11 rows), and d off the tuned sizes (3)."""
+    require_cpu_kernels()
+    from kbvq_cli.kernels import fused_decode
+
+    rows = [1, 0, 3, 11]
+    ic = 8 * d * 3
+    parts = make_parts(bits, side, bcos, ic=ic, d=d, dtype=dtype)
+    x = random_x(rows, ic=ic)
+    segments = [(e, start, end) for e, (start, end) in enumerate(zip(offsets_of(rows), offsets_of(rows)[1:]))
+                if end > start]
+    out = fused_decode.projection(x, parts, segments)
+    assert_close(out, float64_projection(x, parts, rows), tolerance=1e-5)
+
+
+def test_fused_decode_layer_sums_each_token_in_one_order():
+    """The routed layer at decode: rows gathered from their tokens, down accumulated into each token with its
+    router weight, equal to the float64 formula; the same bits whatever the thread count."""
+    require_cpu_kernels()
+    from kbvq_cli.kernels import fused_decode
+
+    hidden_size, intermediate = 32, 24
+    gate = make_parts(8, "input", bcos=True, oc=intermediate, ic=hidden_size, dtype=torch.bfloat16, seed=2)
+    up = make_parts(12, None, oc=intermediate, ic=hidden_size, dtype=torch.float16, seed=3)
+    down = make_parts(8, "output", bcos=True, oc=hidden_size, ic=intermediate, dtype=torch.bfloat16, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, hidden_size, generator=gen)
+    top_k_index = torch.tensor([[0, 2], [2, 4], [3, 2]])  # 4 = a dropped slot
+    top_k_weights = torch.rand(3, 2, generator=gen)
+    threads = torch.get_num_threads()
+    outs = []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        try:
+            outs.append(fused_decode.moe(hidden, top_k_index, top_k_weights, gate, up, down, functional.silu))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    expected = torch.zeros(3, hidden_size, dtype=torch.float64)
+    for token, choices in enumerate(top_k_index.tolist()):
+        for slot, expert in enumerate(choices):
+            if expert >= N_EXPERTS:
+                continue
+            one = lambda p: VqParts(*(None if t is None else t[expert:expert + 1] for t in  # noqa: E731
+                                      (p.indices, p.codebook, p.scale, p.shift)),
+                                    p.shared_basis, None if p.expert_coeffs is None else p.expert_coeffs[expert:expert + 1],
+                                    p.side)
+            x = hidden[token:token + 1]
+            inner = functional.silu(float64_projection(x, one(gate), [1])) * float64_projection(x, one(up), [1])
+            expected[token] += top_k_weights[token, slot].double() * float64_projection(inner, one(down), [1])[0]
+    assert_close(outs[0], expected, tolerance=1e-5)
+
+
 @pytest.mark.parametrize("bits", [8, 12, 16])
 def test_torch_lookup_table_matmul(bits):
     parts = make_parts(bits, dtype=torch.float32)

@@ -33,9 +33,26 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 DECODE_MAX_ROWS = 16
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class Part(ctypes.Structure):
+    """A stored tensor as `kbvq_project` reads it (cpu_kernels.cpp `Part`): data 0 means absent."""
+    _fields_ = [("data", _PTR), ("dtype", _I64)]
+
+
+class Job(ctypes.Structure):
+    """One fused decode projection (cpu_kernels.cpp `Job`, field for field); built by `fused_decode.py`."""
+    _fields_ = [("x", _PTR), ("x_rows", _I64), ("source", _PTR), ("rows", _I64), ("seg_bounds", _PTR),
+                ("seg_expert", _PTR), ("segments", _I64), ("codes", _PTR), ("code_bytes", _I64), ("oc", _I64),
+                ("ic", _I64), ("K", _I64), ("d", _I64), ("codebook", Part), ("scale", Part), ("shift", Part),
+                ("output_side", _I64), ("rank", _I64), ("basis", Part), ("coeffs", Part), ("out", _PTR),
+                ("target", _PTR), ("weight", _PTR)]
+
+
 _SIGNATURES = {
     "kbvq_decode": [_PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR],
     "kbvq_dequantize": [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR],
+    "kbvq_project": [ctypes.POINTER(Job), _I64, _I64],
 }
 
 
@@ -164,6 +181,12 @@ def decode_segments(x: torch.Tensor, segments: list[Segment], indices: torch.Ten
         x.data_ptr(), bounds.data_ptr(), len(segments), indices.data_ptr(), code_bytes(indices),
         experts.data_ptr(), codebooks.data_ptr(), oc, x.shape[1], num_codes, d, int(lut), torch.get_num_threads(),
         out.data_ptr()), "kbvq_decode")
+
+
+def project(jobs: list[Job]) -> None:
+    """Run fused decode projections (`Job`s whose tensors the caller keeps alive) in one parallel region."""
+    array = (Job * len(jobs))(*jobs)
+    _check(library().kbvq_project(array, len(jobs), torch.get_num_threads()), "kbvq_project")
 
 
 def experts_forward(x: torch.Tensor, segments: list[Segment], indices: torch.Tensor,

@@ -80,22 +80,34 @@ inline Vec<2 * D> concat(Vec<D> a, Vec<D> b) {
   else return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
 }
 
-// The codebook rows of codes c[0 .. 8/D) side by side: 8 floats that line up with 8 contiguous floats of x.
+// Eight codes read with one load (a 64-bit word per 8 or 4 codes) and taken apart in registers: a load per
+// code, next to the codebook row's, made the gather load-bound (about 1.1 cycles a code on AVX2).
+template <typename Code>
+struct EightCodes {
+  uint64_t words[sizeof(Code)];
+  explicit EightCodes(const Code* p) { memcpy(words, p, sizeof(words)); }
+  int64_t operator[](int q) const {
+    if constexpr (sizeof(Code) == 1) return static_cast<int64_t>((words[0] >> (8 * q)) & 0xff);
+    else return static_cast<int64_t>((words[q / 4] >> (16 * (q % 4))) & 0xffff);
+  }
+};
+
+// The codebook rows of codes c[q0 .. q0 + 8/D) side by side: 8 floats that line up with 8 contiguous floats of x.
 template <typename Code, int64_t D>
-inline Vec<8> codebook_rows(const float* cb, const Code* c) {
-  auto row = [&](int64_t p) { return load<D>(cb + static_cast<int64_t>(c[p]) * D); };
+inline Vec<8> codebook_rows(const float* cb, const EightCodes<Code>& c, int q0) {
+  auto row = [&](int q) { return load<D>(cb + c[q0 + q] * D); };
   if constexpr (D == 4) return concat<4>(row(0), row(1));
   else return concat<4>(concat<2>(row(0), row(1)), concat<2>(row(2), row(3)));
 }
 
-// gather_one for D = 2 or 4, a vector of 8 floats at a time: 8 / D codes share one multiply-add and two
-// output rows share each load of x. On AVX2 this does half gather_one's multiply-adds and a third fewer loads.
+// gather_one for D = 2 or 4, a vector of 8 floats at a time: 8 / D codes share one multiply-add, two output
+// rows share each load of x, and each row's codes come 8 to a load.
 template <typename Code, int64_t D>
 void gather_one_wide(const float* x, const Code* codes, const float* cb, int64_t J, int64_t o0, int64_t o1,
                      float* out) {
   constexpr int64_t P = 8 / D;  // codes per vector
-  const int64_t J_wide = J - J % (2 * P);
-  auto tail = [&](const Code* row) {  // the codes after the last full pair of vectors
+  const int64_t J_wide = J - J % 8;
+  auto tail = [&](const Code* row) {  // the codes after the last full 8
     Vec<D> acc = {};
     for (int64_t j = J_wide; j < J; ++j) acc += load<D>(cb + static_cast<int64_t>(row[j]) * D) * load<D>(x + j * D);
     float total = 0.f;
@@ -112,12 +124,15 @@ void gather_one_wide(const float* x, const Code* codes, const float* cb, int64_t
     const Code* r0 = codes + o * J;
     const Code* r1 = r0 + J;
     Vec<8> a0 = {}, b0 = {}, a1 = {}, b1 = {};  // two chains per row, so the adds do not wait on each other
-    for (int64_t j = 0; j < J_wide; j += 2 * P) {
-      const Vec<8> x0 = load<8>(x + j * D), x1 = load<8>(x + (j + P) * D);
-      a0 += codebook_rows<Code, D>(cb, r0 + j) * x0;
-      a1 += codebook_rows<Code, D>(cb, r1 + j) * x0;
-      b0 += codebook_rows<Code, D>(cb, r0 + j + P) * x1;
-      b1 += codebook_rows<Code, D>(cb, r1 + j + P) * x1;
+    for (int64_t j = 0; j < J_wide; j += 8) {
+      const EightCodes<Code> c0(r0 + j), c1(r1 + j);
+      for (int q = 0; q < 8; q += 2 * P) {
+        const Vec<8> x0 = load<8>(x + (j + q) * D), x1 = load<8>(x + (j + q + P) * D);
+        a0 += codebook_rows<Code, D>(cb, c0, q) * x0;
+        a1 += codebook_rows<Code, D>(cb, c1, q) * x0;
+        b0 += codebook_rows<Code, D>(cb, c0, q + P) * x1;
+        b1 += codebook_rows<Code, D>(cb, c1, q + P) * x1;
+      }
     }
     out[o] = lanes(a0 + b0) + tail(r0);
     out[o + 1] = lanes(a1 + b1) + tail(r1);
@@ -310,6 +325,219 @@ void dequantize(const Code* codes, int64_t rows, int64_t J, const float* cb, int
   });
 }
 
+
+// ------------------------------------------------------------------ fused decode projections
+// A whole quantized projection for decode-sized segments, in one parallel region and with no barrier inside:
+//   y[r, o] = (1 + scale[e, o]) * (vq[r, o] + low_rank[r, o]) + shift[e, o]
+// written to out[r] or, for a down projection, accumulated as out[target[r]] += weight[r] * y[r]. The
+// 16-bit stored parts (codebooks, bases, coefficients, scale, shift) are read as they are, so no converted
+// copies are made on the Python side; one call replaces some twenty small torch ops, each of which may wake
+// the thread pool (about 0.1 ms apiece under OMP_WAIT_POLICY=PASSIVE).
+
+enum DType : int64_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct Part {  // a stored tensor: null data means absent
+  const void* data;
+  int64_t dtype;
+};
+
+// One projection over its segments. Layouts: x [x_rows, ic]; codes [n, oc, J]; codebook [n, K, d];
+// scale, shift [n, oc]; input side: basis [rank, ic], coeffs [n, oc, rank]; output side: basis [rank, oc],
+// coeffs [n, rank, ic]; out [N, oc], or [targets, oc] when target is set.
+struct Job {
+  const float* x;
+  int64_t x_rows;
+  const int64_t* source;  // [N] the row of x each sorted row reads; null: row r reads row r
+  int64_t rows;           // N
+  const int64_t* seg_bounds;
+  const int64_t* seg_expert;
+  int64_t segments;
+  const void* codes;
+  int64_t code_bytes, oc, ic, K, d;
+  Part codebook, scale, shift;
+  int64_t output_side, rank;  // rank 0: no low-rank part
+  Part basis, coeffs;
+  float* out;
+  const int64_t* target;  // [N] or null
+  const float* weight;    // [N], with target
+};
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, rest = h & 0x7fff;
+  uint32_t bits;
+  if (rest >= 0x7c00) {
+    bits = sign | 0x7f800000 | ((rest & 0x3ff) << 13);  // inf, nan
+  } else {
+    float f;  // exponent and mantissa moved into place, re-biased by 2^112: exact for normals and subnormals
+    const uint32_t shifted = rest << 13;
+    memcpy(&f, &shifted, 4);
+    f *= 0x1p112f;
+    memcpy(&bits, &f, 4);
+    bits |= sign;
+  }
+  float out;
+  memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+// p's elements start .. start + count as float32, into out: one loop per dtype, so each vectorises (float16
+// through the compiler's _Float16, which is F16C's vcvtph2ps on x86, where it has one).
+void convert(const Part& p, int64_t start, int64_t count, float* __restrict out) {
+  const uint16_t* half = static_cast<const uint16_t*>(p.data) + start;
+  switch (p.dtype) {
+    case kF16:
+#if defined(__FLT16_MAX__)
+      for (int64_t i = 0; i < count; ++i) {
+        _Float16 h;
+        memcpy(&h, half + i, 2);
+        out[i] = static_cast<float>(h);
+      }
+#else
+      for (int64_t i = 0; i < count; ++i) out[i] = half_to_float(half[i]);
+#endif
+      break;
+    case kBF16:
+      for (int64_t i = 0; i < count; ++i) out[i] = bf16_to_float(half[i]);
+      break;
+    default:
+      memcpy(out, static_cast<const float*>(p.data) + start, count * sizeof(float));
+  }
+}
+
+// a . b over n floats, in 8-wide partial sums (a plain float loop would be one serial chain of n adds).
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec<8> acc = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc += load<8>(a + i) * load<8>(b + i);
+  float total = 0.f;
+  for (int64_t lane = 0; lane < 8; ++lane) total += acc[lane];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// What a job needs before its output rows can be computed, made once per call: the codebooks of its
+// segments' experts as float32, and the low-rank intermediate (input side: basis @ x per row of x, shared by
+// all experts; output side: coeffs[e] @ x per sorted row).
+struct Prepared {
+  std::vector<float> codebooks;  // [segments, K, d]
+  std::vector<float> inner;      // [x_rows or rows, rank]
+  std::vector<Chunk> chunks;
+};
+
+void prepare(const Job& job, Prepared& p) {
+  const int64_t kd = job.K * job.d;
+  p.codebooks.resize(job.segments * kd);
+  for (int64_t s = 0; s < job.segments; ++s) convert(job.codebook, job.seg_expert[s] * kd, kd, &p.codebooks[s * kd]);
+  p.chunks = make_chunks(job.seg_bounds, job.segments);
+  if (job.rank == 0) return;
+  std::vector<float> row(job.ic);
+  if (!job.output_side) {  // inner[t, k] = basis[k] . x[t]
+    p.inner.assign(job.x_rows * job.rank, 0.f);
+    for (int64_t k = 0; k < job.rank; ++k) {
+      convert(job.basis, k * job.ic, job.ic, row.data());
+      for (int64_t t = 0; t < job.x_rows; ++t) p.inner[t * job.rank + k] = dot(row.data(), job.x + t * job.ic, job.ic);
+    }
+  } else {  // inner[r, k] = coeffs[e, k] . x[source(r)]
+    p.inner.assign(job.rows * job.rank, 0.f);
+    for (int64_t s = 0; s < job.segments; ++s) {
+      const int64_t e = job.seg_expert[s];
+      for (int64_t k = 0; k < job.rank; ++k) {
+        convert(job.coeffs, (e * job.rank + k) * job.ic, job.ic, row.data());
+        for (int64_t r = job.seg_bounds[2 * s]; r < job.seg_bounds[2 * s + 1]; ++r) {
+          p.inner[r * job.rank + k] = dot(row.data(), job.x + (job.source ? job.source[r] : r) * job.ic, job.ic);
+        }
+      }
+    }
+  }
+}
+
+// Output rows o0 .. o1 of a job, for all its chunks in order (so accumulated targets are summed in one fixed
+// order whatever the thread count). The block's 16-bit parts are converted once into float32 scratch.
+template <typename Code>
+void project_block(const Job& job, const Prepared& p, int64_t o0, int64_t o1) {
+  const int64_t J = job.ic / job.d, width = o1 - o0, rank = job.rank;
+  const Code* codes = static_cast<const Code*>(job.codes);
+  float vq[kMaxChunk * kOutBlock], scale[kOutBlock], shift[kOutBlock];
+  // low-rank factor of these rows, [rank][width]: the basis (output side, every expert's) or the chunk's
+  // expert's coefficients transposed (input side), so the sum over the rank runs along the rows, vectorised
+  float* factor = scratch(2 * rank * width);
+  float* stored = factor + rank * width;
+  if (rank && job.output_side)
+    for (int64_t k = 0; k < rank; ++k) convert(job.basis, k * job.oc + o0, width, factor + k * width);
+  int64_t converted = -1;  // the expert whose coefficients, scale and shift are in scratch
+  for (const Chunk& ch : p.chunks) {
+    const int64_t e = job.seg_expert[ch.segment];
+    if (e != converted) {
+      if (rank && !job.output_side) {
+        convert(job.coeffs, (e * job.oc + o0) * rank, width * rank, stored);
+        for (int64_t i = 0; i < width; ++i)
+          for (int64_t k = 0; k < rank; ++k) factor[k * width + i] = stored[i * rank + k];
+      }
+      if (job.scale.data) convert(job.scale, e * job.oc + o0, width, scale);
+      if (job.shift.data) convert(job.shift, e * job.oc + o0, width, shift);
+      converted = e;
+    }
+    const Code* block = codes + (e * job.oc + o0) * J;
+    const float* cb = p.codebooks.data() + ch.segment * job.K * job.d;
+    const float* x_rows[kMaxChunk];
+    for (int64_t t = 0; t < kMaxChunk; ++t) {  // padding tokens repeat the last row; their sums are dropped
+      const int64_t r = ch.row0 + std::min(t, ch.rows - 1);
+      x_rows[t] = job.x + (job.source ? job.source[r] : r) * job.ic;
+    }
+    with_tc(ch.tc, [&](auto tc) { with_d(job.d, [&](auto dc) {
+      constexpr int64_t TC = decltype(tc)::value, D = decltype(dc)::value;
+      if constexpr (D == 0) gather_any<Code>(x_rows, block, cb, J, job.d, kOutBlock, 0, width, ch.rows, vq);
+      else if constexpr (TC == 1 && D < 8) gather_one_wide<Code, D>(x_rows[0], block, cb, J, 0, width, vq);
+      else if constexpr (TC == 1) gather_one<Code, D>(x_rows[0], block, cb, J, 0, width, vq);
+      else gather_tokens<Code, TC, D>(x_rows, block, cb, J, kOutBlock, 0, width, ch.rows, vq);
+    }); });
+    for (int64_t t = 0; t < ch.rows; ++t) {
+      const int64_t r = ch.row0 + t;
+      float* v = vq + t * kOutBlock;
+      if (rank) {
+        const float* inner = p.inner.data() + (job.output_side ? r : (job.source ? job.source[r] : r)) * rank;
+        for (int64_t k = 0; k < rank; ++k)
+          for (int64_t i = 0; i < width; ++i) v[i] += inner[k] * factor[k * width + i];
+      }
+      if (job.scale.data)
+        for (int64_t i = 0; i < width; ++i) v[i] *= 1.f + scale[i];
+      if (job.shift.data)
+        for (int64_t i = 0; i < width; ++i) v[i] += shift[i];
+      if (job.target) {
+        float* y = job.out + job.target[r] * job.oc + o0;
+        const float w = job.weight[r];
+        for (int64_t i = 0; i < width; ++i) y[i] += w * v[i];
+      } else {
+        memcpy(job.out + r * job.oc + o0, v, width * sizeof(float));
+      }
+    }
+  }
+}
+
+void project(const Job* jobs, int64_t count, int64_t threads) {
+  std::vector<Prepared> prepared(count);
+  std::vector<std::pair<int64_t, int64_t>> items;  // (job, output block)
+  for (int64_t j = 0; j < count; ++j) {
+    prepare(jobs[j], prepared[j]);
+    for (int64_t b = 0; b * kOutBlock < jobs[j].oc; ++b) items.push_back({j, b});
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < n_items; ++i) {
+    const Job& job = jobs[items[i].first];
+    const int64_t o0 = items[i].second * kOutBlock, o1 = std::min(job.oc, o0 + kOutBlock);
+    if (job.code_bytes == 1) project_block<uint8_t>(job, prepared[items[i].first], o0, o1);
+    else project_block<uint16_t>(job, prepared[items[i].first], o0, o1);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -334,6 +562,19 @@ int kbvq_dequantize(const void* codes, int64_t code_bytes, int64_t rows, int64_t
   if (code_bytes == 1) dequantize(static_cast<const uint8_t*>(codes), rows, J, codebook, d, threads, out);
   else if (code_bytes == 2) dequantize(static_cast<const uint16_t*>(codes), rows, J, codebook, d, threads, out);
   else return 1;
+  return 0;
+}
+
+// Fused decode projections (see `Job`): every job's segments must have been checked by the caller. Returns
+// 0, or 1 for a job it cannot take.
+int kbvq_project(const Job* jobs, int64_t count, int64_t threads) {
+  for (int64_t j = 0; j < count; ++j) {
+    const Job& job = jobs[j];
+    if (job.d <= 0 || job.ic % job.d != 0 || (job.code_bytes != 1 && job.code_bytes != 2) || job.rank < 0 ||
+        (job.rank && (!job.basis.data || !job.coeffs.data)) || (job.target && !job.weight))
+      return 1;
+  }
+  project(jobs, count, threads);
   return 0;
 }
 

@@ -11,7 +11,8 @@ from typing import Callable, Literal
 
 import torch
 
-from kbvq_cli.kernels.api import vq_experts_forward
+from kbvq_cli.kernels import fused_decode
+from kbvq_cli.kernels.api import resolve_backend, vq_experts_forward
 from kbvq_cli.kernels.common import Segment, check_experts, segments_from_offsets
 
 
@@ -91,6 +92,8 @@ def projection_forward(x: torch.Tensor, parts: VqParts, offsets: torch.Tensor | 
     n = check_experts(x, parts.indices, parts.codebook)[0]
     offsets = [0, x.shape[0]] if offsets is None else offsets
     segments = segments_from_offsets(offsets, n, x.shape[0])
+    if projected is None and resolve_backend(x, backend) == "cpu" and fused_decode.fits(segments):
+        return fused_decode.projection(x, parts, segments).to(x.dtype)
     y = vq_experts_forward(x, offsets, parts.indices, parts.codebook, backend=backend)
     if parts.shared_basis is not None:
         y = y + _low_rank(x, parts, segments, projected)
@@ -136,6 +139,10 @@ def moe_experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_w
     hidden [T, H] float; top_k_index [T, k] int; top_k_weights [T, k] float -> [T, H] in hidden's dtype.
     Called like the model's own fused experts (and like `kbvq_cli.packed.reference.VqExperts`).
     """
+    if resolve_backend(hidden, backend) == "cpu":
+        output = fused_decode.moe(hidden, top_k_index, top_k_weights, gate, up, down, act_fn)
+        if output is not None:
+            return output
     token, slot, offsets = group_by_expert(top_k_index, gate.num_experts)
     x = hidden[token]
     gate_basis, up_basis = gate.project_basis(hidden), up.project_basis(hidden)
