@@ -96,6 +96,8 @@ def calibrate(
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of the data.")] = None,
     routing: Annotated[Optional[str], typer.Option("--routing", help="model (each expert's routed tokens, the "
                        "paper) or all (every expert's statistics over every token).")] = None,
+    starved_fallback: Annotated[Optional[str], typer.Option("--starved-fallback", help="all-tokens (default: an "
+                                "expert routed < min_expert_tokens tokens gets all tokens' statistics) or none.")] = None,
     moments: Annotated[Optional[str], typer.Option(
         "--moments", help="Second-moment storage: compact (default; 16-bit per-expert) or exact.")] = None,
     restart: RestartOption = False,
@@ -103,7 +105,8 @@ def calibrate(
 ) -> None:
     """Record the calibration statistics of docs/method.md §1, layer by layer, streaming the model."""
     overrides = dict(data=data, samples=samples, seqlen=seqlen, seed=seed, device=device,
-                     batch_size=batch_size, text_field=text_field, routing=routing, moments=moments)
+                     batch_size=batch_size, text_field=text_field, routing=routing, moments=moments,
+                     starved_fallback=starved_fallback)
     run_stage("calibrate", run=run, recipe=recipe, model=model, restart=restart,
               allow_thread_change=allow_thread_change, overrides=overrides)
 

@@ -95,7 +95,8 @@ def load_section(view: RunView, out_dir: Path, layers: list[int]) -> list[str]:
     minimum = view.min_expert_tokens
     lines = md.heading("5. Expert load on the calibration tokens")
     lines += md.paragraph(f"Tokens routed to each expert (top-k assignments, from calibrate). An expert with fewer "
-                          f"than calibrate's min_expert_tokens = {minimum} is starved.{_bcos_starved(view)}")
+                          f"than calibrate's min_expert_tokens = {minimum} is starved.{_fallback(view)}"
+                          f"{_bcos_starved(view)}")
     path = load_figure(out_dir / "expert_load.png", moe, loads, minimum)
     lines += md.image(path, "Tokens per expert (columns) and MoE layer (rows); starved experts boxed in red.")
     rows = [[str(index), md.fmt_int(load.sum()), md.fmt_int(load.min()), md.fmt_int(load.max()),
@@ -107,6 +108,18 @@ def load_section(view: RunView, out_dir: Path, layers: list[int]) -> list[str]:
     lines += md.table(["expert"] + [f"layer {index}" for index in layers], per_expert)
     _write_load_csv(out_dir / "expert_load.csv", moe, loads, minimum)
     return lines + md.paragraph("Every layer's counts: [expert_load.csv](expert_load.csv).")
+
+
+def _fallback(view: RunView) -> str:
+    """What calibrate did with its starved experts (`starved_fallback`), and which they were."""
+    manifest = view.calibration.stage_dir.manifest
+    starved = manifest.get("state", {}).get("starved_tokens", {})
+    listed = "; ".join(f"layer {layer}: " + ", ".join(f"expert {e} ({n} tokens)" for e, n in experts.items())
+                       for layer, experts in starved.items())
+    if manifest["config"].get("starved_fallback", "all-tokens") == "none":
+        return f" Their statistics are their few routed tokens' (starved_fallback none): {listed or 'none'}."
+    return (f" Their statistics were taken over every token of their layer instead (starved_fallback "
+            f"all-tokens): {listed or 'none'}.")
 
 
 def _bcos_starved(view: RunView) -> str:
