@@ -93,14 +93,18 @@ def check_presets() -> None:
             parse_settings(STAGES[stage].settings_class(), settings, f"preset {preset.name}: {stage}")
 
 
-def preset_recipe(name: str, model: str, run: str | None, calibrate: dict[str, Any], evaluate: dict[str, Any]):
+def preset_recipe(name: str, model: str, run: str | None, calibrate: dict[str, Any], evaluate: dict[str, Any],
+                  target_bits: float | None = None):
     """The in-memory recipe of `kbvq run --preset NAME --model M`: the preset's method and settings, with
     the calibration (`calibrate`: data, samples, seqlen) and evaluation (`evaluate`: ppl_data, seqlen,
-    tasks) options laid over them; None values are left out. Its run is `run`, else runs/<model>-<preset>."""
+    tasks) options laid over them, and klt-svd's `target_bits` in place of the preset's rank; None values
+    are left out. Its run is `run`, else runs/<model>-<preset>."""
     from kbvq_cli.recipe import Recipe, model_short_name
 
     preset = get_preset(name)
-    given = {"calibrate": calibrate, "eval": evaluate}
+    if target_bits is not None and preset.method != "kbvq":
+        raise KbvqError(f"--target-bits sets klt-svd's ranks; preset {name} is {preset.method}, which has none")
+    given = {"calibrate": calibrate, "eval": evaluate, "klt-svd": {"target_bits": target_bits}}
     overrides = {stage: {k: v for k, v in values.items() if v is not None} for stage, values in given.items()}
     stages = merge_stages(preset.stage_settings(), {stage: v for stage, v in overrides.items() if v})
     return Recipe(model=model, run=run or f"runs/{model_short_name(model)}-{preset.name}",

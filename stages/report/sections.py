@@ -45,7 +45,7 @@ def spectrum_section(view: RunView, out_dir: Path, layers: list[int]) -> list[st
         "Per MoE layer and part: the chosen rank k and rho_k, the share of the stacked experts' energy (sum of "
         "squared singular values, in KLT space where the KLT was used) that the shared basis captures (Eq. 17). "
         "`shared.down` is a shared expert's own down projection, decomposed alone.")
-    lines += spectrum_table(view)
+    lines += spectrum_table(view) + _budget_paragraph(view)
     for index in layers:
         spectra = layer_spectra(view, index)
         spectra = {name: spectra[name] for name in _ordered(spectra)}
@@ -53,6 +53,21 @@ def spectrum_section(view: RunView, out_dir: Path, layers: list[int]) -> list[st
         lines += md.image(path, f"Layer {index}: energy share of each singular value (top, log-log) and rho_k "
                                 f"(bottom) against k; the red dashed line is the rank klt-svd chose.")
     return lines
+
+
+def _budget_paragraph(view: RunView) -> list[str]:
+    """How `--target-bits` chose the ranks above (klt-svd's manifest `budget`), if it did."""
+    budget = view.klt.stage_dir.manifest.get("summary", {}).get("budget")
+    if not budget:
+        return []
+    code = budget["assumes"]
+    return md.paragraph(
+        f"The ranks above were chosen by `--target-bits {budget['target_bits']}` (stages/klt_svd/budget.py): greedily "
+        f"by estimated output error removed per bit, each rank's estimate its share of the stacked energy. At "
+        f"{code['bits']}-bit codes of length {code['dim']}{' with BCOS' if code['corrected'] else ''} the parts cost "
+        f"{budget['rank0_bits_per_expert_weight']:.4f} bits per expert weight at rank 0 and "
+        f"{budget['estimated_bits_per_expert_weight']:.4f} with these ranks (formula, padding reserved); the shared "
+        f"parts leave a mean relative tail energy of {budget['estimated_shared_part_error']:.4f}.")
 
 
 def layer_similarity(view: RunView, index: int, projection: str) -> tuple[np.ndarray, np.ndarray]:
