@@ -147,11 +147,12 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 def table_lines(testbed: str, arms: list[str], seeds: list[int]) -> list[str]:
     """The markdown table of one test-bed: per arm the mean and spread (sample standard deviation) over
-    seeds of ppl - FP, with bits and errors; arms not yet run show as missing."""
+    seeds of ppl - FP, with the means of bits and errors; arms not yet run show as missing. `runs` counts
+    the finished runs (a gptq arm has one for every seed)."""
     fp = fp_ppl(testbed)
     lines = [f"{testbed} (recipes of {family_of(testbed)}), 2 bits, k-means seeds {','.join(map(str, seeds))}; "
              f"FP test perplexity {fp:.2f}" if fp is not None else f"{testbed}: FP perplexity not measured yet", "",
-             "| arm | seeds | bits/weight | rel. output error (vq) | after BCOS | test ppl | ppl - FP (mean ± sd) |",
+             "| arm | runs | bits/weight | rel. output error (vq) | after BCOS | test ppl | ppl - FP (mean ± sd) |",
              "|---|---|---|---|---|---|---|"]
     for arm in arms:
         runs = sorted({run_name(arm, seed) for seed in seeds})
@@ -164,6 +165,6 @@ def table_lines(testbed: str, arms: list[str], seeds: list[int]) -> list[str]:
             values = [m[key] for m in found if m[key] is not None]
             cells.append(fmt.format(statistics.fmean(values)) if values else "-")
         mean, spread = _mean_spread([m["ppl"] - fp for m in found])
-        cells.append(f"{mean:+.3f} ± {spread:.3f}")
+        cells.append(f"{mean:+.3f} ± {spread:.3f}" if len(found) > 1 else f"{mean:+.3f} (one run)")
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -193,6 +193,6 @@ def print_plus_table(testbeds: list[str], arms: str | None, seeds: str, run_miss
         raise KbvqError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
     lines = run_plus_table(testbeds, parse_arms(arms), seed_list, run_missing)
     text = "\n".join(lines)
-    console.print(text, markup=False, highlight=False)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
     if markdown is not None:
         atomic_write_text(markdown, text + "\n")
