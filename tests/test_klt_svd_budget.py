@@ -5,6 +5,7 @@ import json
 from cli_util import invoke
 from kbvq_cli.expert_shapes import expert_matrix_shapes
 from kbvq_cli.model_files import ModelSource
+from resume_util import shard_hashes
 from stages.klt_svd.budget import CodeSize, layer_costs
 from stages.klt_svd.config import KltSvdSettings
 from stages.klt_svd.reader import KltSvd
@@ -36,6 +37,15 @@ def test_a_budget_lands_at_or_just_below_its_target_and_is_recorded(tiny_model_d
     assert sum(sum(ranks.values()) for ranks in budget["ranks"].values()) > 0
     assert budget["assumes"] == {"bits": 2, "dim": 4, "corrected": True}
     assert budget["estimated_shared_part_error"] < 1
+
+    # a kill after the first layer: the resume takes the allocation the manifest recorded, the same bytes
+    before = shard_hashes(run / "klt-svd")
+    manifest = json.loads((run / "klt-svd" / "manifest.json").read_text())
+    del manifest["units"][sorted(manifest["units"])[-1]]
+    manifest["complete"] = False
+    (run / "klt-svd" / "manifest.json").write_text(json.dumps(manifest))
+    invoke("klt-svd", "--run", run)
+    assert shard_hashes(run / "klt-svd") == before and _summary(run, "klt-svd")["budget"] == budget
 
     refused = invoke("vq", "--run", run, "--dim", 2, code=2)  # not the code size the ranks were chosen for
     assert "target_bits" in refused.output and not (run / "vq").exists()
