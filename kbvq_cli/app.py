@@ -96,8 +96,9 @@ def calibrate(
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of the data.")] = None,
     routing: Annotated[Optional[str], typer.Option("--routing", help="model (each expert's routed tokens, the "
                        "paper) or all (every expert's statistics over every token).")] = None,
-    starved_fallback: Annotated[Optional[str], typer.Option("--starved-fallback", help="all-tokens (default: an "
-                                "expert routed < min_expert_tokens tokens gets all tokens' statistics) or none.")] = None,
+    starved_fallback: Annotated[Optional[str], typer.Option(
+        "--starved-fallback", help="all-tokens (default: an expert routed < min_expert_tokens tokens gets all "
+        "tokens' statistics) or none.")] = None,
     moments: Annotated[Optional[str], typer.Option(
         "--moments", help="Second-moment storage: compact (default; 16-bit per-expert) or exact.")] = None,
     restart: RestartOption = False,

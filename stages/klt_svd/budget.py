@@ -13,8 +13,8 @@ assumed, not measured: it is why this is an estimate.
 
 The code size the budget assumes (vq's bits and vector length, and whether BCOS stores its scale and
 shift) comes from the run's recipe, is hashed into klt-svd's inputs and recorded in its manifest; `vq`
-and `bcos` refuse settings that differ from it (`stages.klt_svd.reader.check_budget_code_size`). Choosing the code bits per projection too is not done:
-vq takes one code size for all of a run's matrices.
+and `bcos` refuse settings that differ from it (`stages.klt_svd.reader.check_budget_code_size`).
+Choosing the code bits per projection too is not done: vq takes one code size for all of a run's matrices.
 """
 
 from __future__ import annotations
