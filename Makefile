@@ -73,8 +73,10 @@ bench-distributed: install
 bench-decode: install testbed-mini
 	$(PY) benchmarks/bench_decode.py $(BENCH_DECODE_ARGS)
 
-# What each output-aware VQ option adds to the paper's 2-bit KBVQ, one k-means seed (benchmarks/plus_ablation.py):
-# PLUS_ARGS="--testbed testbed-upcycled-mini --arms kbvq-w2,bcos-only" for another test-bed of the mini's size.
+# What each part of kbvq-w2-plus adds to the paper's 2-bit KBVQ, mean and spread over k-means seeds 0,1,2
+# (`kbvq table plus`, benchmarks/plus_ablation.py); resumable. The whole experiment of issue 15:
+# PLUS_ARGS="--testbed testbed-mini --testbed testbed --testbed testbed-upcycled --seeds 0,1,2"
+# (build those first: make testbed, kbvq testbed --variant upcycled --out testbed-upcycled).
 plus-ablation: install testbed-mini
 	$(PY) benchmarks/plus_ablation.py $(PLUS_ARGS)
 

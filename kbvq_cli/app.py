@@ -96,6 +96,9 @@ def calibrate(
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Text column of the data.")] = None,
     routing: Annotated[Optional[str], typer.Option("--routing", help="model (each expert's routed tokens, the "
                        "paper) or all (every expert's statistics over every token).")] = None,
+    starved_fallback: Annotated[Optional[str], typer.Option(
+        "--starved-fallback", help="all-tokens (default: an expert routed < min_expert_tokens tokens gets all "
+        "tokens' statistics) or none.")] = None,
     moments: Annotated[Optional[str], typer.Option(
         "--moments", help="Second-moment storage: compact (default; 16-bit per-expert) or exact.")] = None,
     restart: RestartOption = False,
@@ -103,7 +106,8 @@ def calibrate(
 ) -> None:
     """Record the calibration statistics of docs/method.md §1, layer by layer, streaming the model."""
     overrides = dict(data=data, samples=samples, seqlen=seqlen, seed=seed, device=device,
-                     batch_size=batch_size, text_field=text_field, routing=routing, moments=moments)
+                     batch_size=batch_size, text_field=text_field, routing=routing, moments=moments,
+                     starved_fallback=starved_fallback)
     run_stage("calibrate", run=run, recipe=recipe, model=model, restart=restart,
               allow_thread_change=allow_thread_change, overrides=overrides)
 
@@ -115,6 +119,8 @@ def klt_svd(
     rank_ratio: Annotated[Optional[float], typer.Option("--rank-ratio", help="Rank as a fraction of min(oc, ic) (default 1/128).")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="Absolute rank; 0 = no shared part (plain VQ).")] = None,
     energy: Annotated[Optional[float], typer.Option("--energy", help="Smallest rank with rho_k >= this fraction.")] = None,
+    target_bits: Annotated[Optional[float], typer.Option("--target-bits", help="Ranks per layer and projection "
+                           "for at most this many bits per expert weight (at the run's vq bits and dim).")] = None,
     no_klt: Annotated[bool, typer.Option("--no-klt", help="SVD without KLT (ablation).")] = False,
     damp: Annotated[Optional[float], typer.Option("--damp", help="KLT damping lambda (default 0.01).")] = None,
     down: Annotated[Optional[str], typer.Option("--down", help="down projection: pooled, output or off.")] = None,
@@ -123,7 +129,8 @@ def klt_svd(
     allow_thread_change: ThreadsOption = False,
 ) -> None:
     """IDRE: KLT-guided SVD of each layer's stacked experts into a shared basis and per-expert coefficients."""
-    overrides = dict(rank_ratio=rank_ratio, rank=rank, energy=energy, klt=False if no_klt else None,
+    overrides = dict(rank_ratio=rank_ratio, rank=rank, energy=energy, target_bits=target_bits,
+                     klt=False if no_klt else None,
                      damp=damp, down=down, device=device)
     run_stage("klt-svd", run=run, recipe=recipe, restart=restart,
               allow_thread_change=allow_thread_change, overrides=overrides)
@@ -298,6 +305,8 @@ def run_all(
         "--seqlen", help="With --preset: tokens per calibration sequence and perplexity window.")] = None,
     ppl_data: Annotated[Optional[str], typer.Option("--ppl-data", help="With --preset: perplexity text.")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="With --preset: zero-shot tasks, or none.")] = None,
+    target_bits: Annotated[Optional[float], typer.Option("--target-bits", help="With a kbvq --preset: klt-svd's "
+                           "ranks for at most this many bits per expert weight.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and print the plan; run nothing.")] = False,
     allow_thread_change: ThreadsOption = False,
 ) -> None:
@@ -307,7 +316,7 @@ def run_all(
         from kbvq_cli.pipeline import run_command
 
         run_command(recipe, preset, model, run, dict(data=data, samples=samples, seqlen=seqlen, ppl_data=ppl_data,
-                    tasks=tasks), dry_run=dry_run, allow_thread_change=allow_thread_change)
+                    tasks=tasks, target_bits=target_bits), dry_run=dry_run, allow_thread_change=allow_thread_change)
 
 
 @app.command()
@@ -340,18 +349,26 @@ def report(
 
 @app.command()
 def table(
-    number: Annotated[str, typer.Argument(help="Paper table: 1, 2, 3, 4, 5, 7, 8, 14 or 15.")],
+    number: Annotated[str, typer.Argument(help="Paper table: 1, 2, 3, 4, 5, 7, 8, 14, 15, or plus.")],
     model: Annotated[str, typer.Option("--model", help="qwen15-moe, qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, "
                                        "testbed or testbed-mini.")] = "testbed-mini",
     run_missing: Annotated[bool, typer.Option("--run/--no-run", help="Run the recipes whose results are missing.")] = True,
     markdown: Annotated[Optional[str], typer.Option("--markdown", help="Also write the table as markdown here.")] = None,
+    testbeds: Annotated[Optional[list[str]], typer.Option("--testbed", help="table plus: a test-bed directory "
+                        "(repeatable; default testbed-mini).")] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="table plus: k-means seeds.")] = "0,1,2",
+    arms: Annotated[Optional[str], typer.Option("--arms", help="table plus: comma-separated arms.")] = None,
 ) -> None:
-    """Rebuild a paper table: run its recipes (recipes/MODEL/*.yaml, resuming) and print ours beside the paper's."""
+    """Rebuild a paper table: run its recipes (recipes/MODEL/*.yaml, resuming) and print ours beside the paper's.
+    `kbvq table plus --testbed DIR ... --seeds 0,1,2`: the ablation of kbvq's own recipe (kbvq_cli/plus_ablation.py)."""
     with user_errors():
         from pathlib import Path
 
-        from kbvq_cli.tables import print_table, run_table
+        from kbvq_cli.tables import print_plus_table, print_table, run_table
 
+        if number == "plus":
+            print_plus_table(testbeds or ["testbed-mini"], arms, seeds, run_missing, Path(markdown) if markdown else None)
+            return
         measured = run_table(number, model, run_missing=run_missing)
         print_table(number, model, measured, Path(markdown) if markdown else None)
 

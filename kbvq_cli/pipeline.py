@@ -49,7 +49,7 @@ def run_command(recipe_path: str | None, preset: str | None, model: str | None, 
         raise KbvqError("--preset NAME needs --model M and no --recipe (a recipe file can say `preset: NAME`)")
     calibrate = {key: options.get(key) for key in ("data", "samples", "seqlen")}
     evaluate = {key: options.get(key) for key in ("ppl_data", "seqlen", "tasks")}
-    built = preset_recipe(preset, model, run, calibrate, evaluate)
+    built = preset_recipe(preset, model, run, calibrate, evaluate, target_bits=options.get("target_bits"))
     return run_recipe(None, built.run, recipe=built, where=f"preset {preset}", dry_run=dry_run,
                       allow_thread_change=allow_thread_change)
 

@@ -149,3 +149,50 @@ def caption(model: str) -> str:
     return (f"Cells: ours / the paper's. Perplexity column: {data}, windows of {seqlen} tokens. Bits: the "
             f"paper's row label; Bits/weight: ours, measured from the packed files per expert weight (for "
             f"the FP row, the checkpoint's own bits per weight).")
+
+
+def run_plus_table(testbeds: list[str], arms: list[str], seeds: list[int], run_missing: bool = True) -> list[str]:
+    """`kbvq table plus`: run (resuming) each arm of kbvq_cli/plus_ablation.py on each test-bed and seed,
+    and return the markdown tables, one per test-bed."""
+    from kbvq_cli.package_data import recipes_dir
+    from kbvq_cli.pipeline import run_recipe
+    from kbvq_cli.plus_ablation import ARMS, arm_recipe, family_of, measured, run_name, table_lines
+
+    for testbed in testbeds:
+        family_of(testbed)  # refuses a directory that is not a built test-bed, before anything runs
+    lines: list[str] = []
+    for testbed in testbeds:
+        if run_missing:
+            run_recipe(str(arm_recipe(recipes_dir(), testbed, "fp16", 0)), None)
+            done: set[str] = set()
+            for seed in seeds:
+                for arm in arms:
+                    if run_name(arm, seed) in done:
+                        continue  # a gptq arm: one run serves every seed
+                    target = None
+                    if ARMS[arm].budget:  # the paper recipe's measured bits, so that the two compare at equal bits
+                        paper = run_recipe(str(arm_recipe(recipes_dir(), testbed, "kbvq-w2", seed)), None)
+                        target = measured(paper)["bits"]
+                    run_recipe(str(arm_recipe(recipes_dir(), testbed, arm, seed, target_bits=target)), None)
+                    done.add(run_name(arm, seed))
+        lines += table_lines(testbed, arms, seeds) + [""]
+    return lines
+
+
+def print_plus_table(testbeds: list[str], arms: str | None, seeds: str, run_missing: bool,
+                     markdown: Path | None = None) -> None:
+    from kbvq_cli.atomic import atomic_write_text
+    from kbvq_cli.console import console
+    from kbvq_cli.plus_ablation import parse_arms
+
+    try:
+        seed_list = [int(part) for part in seeds.split(",") if part]
+    except ValueError:
+        raise KbvqError(f"--seeds takes comma-separated integers (got {seeds!r})") from None
+    if not seed_list:
+        raise KbvqError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+    lines = run_plus_table(testbeds, parse_arms(arms), seed_list, run_missing)
+    text = "\n".join(lines)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    if markdown is not None:
+        atomic_write_text(markdown, text + "\n")

@@ -162,6 +162,20 @@ def test_calibrate_killed_on_two_ranks_resumes_on_three_with_the_same_bytes(reci
 
 
 @pytest.mark.slow
+def test_starved_experts_fallback_on_two_ranks_matches_one_process(recipe, tmp_path):
+    """The fallback's second pass is reduced in block order like the first: the same bits on any world size."""
+    starving = tmp_path / "starving.yaml"
+    data = yaml.safe_load(recipe.read_text())
+    data["calibrate"]["min_expert_tokens"] = 60  # about the mean load of 7 x 32 tokens top-2 of 8: some starve
+    starving.write_text(yaml.safe_dump(data))
+    single("calibrate", "--recipe", starving, "--run", tmp_path / "one")
+    finish(torchrun(2, "calibrate", "--recipe", starving, "--run", tmp_path / "two"))
+    manifest = json.loads((tmp_path / "one" / "calibrate" / "manifest.json").read_text())
+    assert manifest["state"]["starved_tokens"], "the test needs starved experts"
+    assert shard_hashes(tmp_path / "two" / "calibrate") == shard_hashes(tmp_path / "one" / "calibrate")
+
+
+@pytest.mark.slow
 def test_an_error_on_every_rank_is_one_line_and_changes_nothing(reference, tmp_path):
     run = _copy(reference, tmp_path / "refused", "calibrate", "klt-svd")
     before = sorted(p.name for p in (run).rglob("*"))

@@ -93,3 +93,15 @@ def test_a_paper_preset_gives_the_shipped_recipe_s_results(preset, tmp_path, tin
     results = [json.loads((tmp_path / run / "eval" / "results.json").read_text())["entries"]
                for run in ("from-preset", "from-recipe")]
     assert [entry["ppl"] for entry in results[0].values()] == [entry["ppl"] for entry in results[1].values()]
+
+
+def test_target_bits_goes_to_klt_svd_of_a_kbvq_preset_only(tmp_path):
+    from kbvq_cli.presets import preset_recipe
+
+    recipe = preset_recipe("kbvq-w2-plus", "m", None, {}, {}, target_bits=2.5)
+    assert recipe.stages["klt-svd"] == {"target_bits": 2.5} and recipe.stages["vq"]["refine_iters"] == 4
+    assert "klt-svd" not in preset_recipe("kbvq-w2", "m", None, {}, {}).stages  # the paper preset untouched
+    result = run_cli("run", "--preset", "gptq-w2g128", "--model", tmp_path / "m", "--run", tmp_path / "run",
+                     "--target-bits", 2.5)
+    assert result.exit_code == 2 and "preset gptq-w2g128 is gptq" in result.output
+    assert not (tmp_path / "run").exists()

@@ -107,6 +107,9 @@ def test_load_numbers_equal_the_calibration_shards(runs):
         assert [int(row[1 + column].strip("*")) for row in per_expert] == load
         assert [int(row[0]) for row in per_expert if row[1 + column].startswith("**")] == starved
         assert starved == calibrate.manifest["state"]["starved"].get(str(index), [])
+        for expert in starved:  # named with its routed count beside the fallback that replaced its statistics
+            assert f"expert {expert} ({load[expert]} tokens)" in runs["text"]
+    assert "(starved_fallback all-tokens)" in runs["text"]
     csv = (runs["report"].parent / "expert_load.csv").read_text().splitlines()
     assert len(csv) == 1 + 2 * len(per_expert)
 

@@ -27,7 +27,7 @@ from stages.bcos.parallel import propagation_blocks
 from stages.bcos.propagate import run_propagated
 from stages.bcos.reader import STAGE, BcosLayerMeta, BcosLayerUnit, Correction
 from stages.calibrate.reader import Calibration, CalibrationLayer
-from stages.klt_svd.reader import KltSvd
+from stages.klt_svd.reader import KltSvd, check_budget_code_size
 from stages.vq.reader import VqCodes
 
 
@@ -37,6 +37,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     source = ModelSource(require_model(resolved))
     device = pick_device(settings.device)
     blocks = propagation_blocks(calibration) if settings.propagate else None  # refused before any write
+    check_budget_code_size(resolved.run_dir, STAGE, corrected=settings.mode != "none")
     stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint())
     if stage.complete:
         return stage.skip()

@@ -39,12 +39,13 @@ class LayerStatsCollector:
         # The compact layout stores per-expert moments in 16 bits, so their running sums can be float32:
         # half the memory of the largest accumulators (Mixtral's down inputs: 6.6 GB instead of 13 GB
         # per layer), at ~1e-6 relative error against float64 sums (tests/test_calibrate_compact.py).
-        expert_dtype = torch.float32 if layout == "compact" else torch.float64
+        expert_dtype = self.expert_dtype = torch.float32 if layout == "compact" else torch.float64
         self.device = next(layer.parameters()).device
         self.moments: dict[str, MomentSums] = {}  # canonical consumer -> sums
         self.alias: dict[str, str] = {}  # consumer -> canonical consumer
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # this batch's inputs, held alive
         self.gate_up = self.down = self.pooled_down = None
+        self.fallback = None  # stages.calibrate.fallback.FallbackCollector: starved experts' all-token sums
         self.handles = [layer.register_forward_pre_hook(lambda *_: self._seen.clear()),
                         layer.register_forward_hook(lambda *_: self._seen.clear())]
         for name, module in layer.named_modules():
@@ -123,10 +124,23 @@ class LayerStatsCollector:
                 pooled = self.down.sum_xxT.sum(0) if self.layout == "exact" else self.down.pooled_second_moment()
             out.update(stored_second_moment("experts.down.pooled_sum_xxT", pooled, dtype, self.layout))
             del pooled
+            self._apply_fallback()  # after the pooled sum, which stays the routed experts' real inputs
             out["router.load"] = self.load.clone()  # the same as gate_up.count under the model's routing
             out.update(self._release(self.gate_up, "experts.gate_up", dtype))
             out.update(self._release(self.down, "experts.down", dtype))
         return out
+
+    def _apply_fallback(self) -> None:
+        """Put the fallback's all-token sums in place of each starved expert's routed ones."""
+        if self.fallback is None:
+            return
+        for mine, theirs in ((self.gate_up, self.fallback.gate_up), (self.down, self.fallback.down)):
+            for slot, expert in enumerate(self.fallback.experts):
+                mine.sum_x[expert] = theirs.sum_x[slot]
+                mine.count[expert] = theirs.count[slot]
+                if mine.sum_xxT is not None:
+                    mine.sum_xxT[expert] = theirs.sum_xxT[slot].to(mine.sum_xxT.dtype)
+        self.fallback = None
 
     def _release(self, sums: MomentSums, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if self.layout == "exact":

@@ -31,6 +31,12 @@ class CalibrateSettings:
     # all: every expert's over every token (no expert starves); the layer still computes its routed
     # output, so later layers see the real distribution, and router.load stays the routed counts.
     routing: Literal["model", "all"] = "model"
+    # An expert the model's routing starves (fewer than min_expert_tokens tokens) gets, under `all-tokens`,
+    # the statistics `routing: all` would give it, over every token of its layer, for that expert alone;
+    # `none` leaves its few tokens' statistics, which later stages then leave uncorrected. On by default:
+    # a quantizer that silently skips the experts a calibration set misses is the field's most common
+    # complaint, and on a model where none starves (the test-beds) it changes nothing.
+    starved_fallback: Literal["all-tokens", "none"] = "all-tokens"
 
     RUNTIME_KEYS = ("device",)
 

@@ -28,6 +28,7 @@ from kbvq_cli.streaming import LayerStreamer, pick_device
 from kbvq_cli.stage_run import StageRun
 from stages.calibrate.config import CalibrateSettings
 from stages.calibrate.collector import LayerStatsCollector
+from stages.calibrate.fallback import collect_fallback
 from stages.calibrate.parallel import record_in_rounds
 
 STAGE = "calibrate"
@@ -67,8 +68,11 @@ def _calibrate_layers(stage: StageRun, source: ModelSource, settings: CalibrateS
     blocks = Blocks.here(tokens.shape[0], settings.batch_size)  # under torchrun, this rank's sequences
     plan = plan_layers(stage_dir, todo, lambda: streamer.embed(blocks.select(tokens)), blocks)
     starved = dict(stage_dir.manifest["state"].get("starved", {}))
+    starved_tokens = dict(stage_dir.manifest["state"].get("starved_tokens", {}))  # layer -> {expert: tokens}
+    for layer, experts in starved.items():  # a calibration begun before the counts were recorded
+        starved_tokens.setdefault(layer, {str(e): None for e in experts})
     if plan is None:  # every shard is there (e.g. killed between the last shard and the final commit)
-        return _finish(stage, source, starved, 0)
+        return _finish(stage, source, settings, starved_tokens, 0)
     hidden = plan.hidden
     with progress_bar() as progress:
         task = progress.add_task("calibrate layers", total=plan.stop - plan.start)
@@ -79,15 +83,17 @@ def _calibrate_layers(stage: StageRun, source: ModelSource, settings: CalibrateS
                 hidden, unit, starved_here = _record_layer(streamer, layer, index, hidden, source, settings, device,
                                                            blocks)
                 starved.pop(str(index), None)
+                starved_tokens.pop(str(index), None)
                 if starved_here:
-                    starved[str(index)] = starved_here
+                    starved[str(index)] = sorted(starved_here)
+                    starved_tokens[str(index)] = {str(e): n for e, n in sorted(starved_here.items())}
             else:
                 hidden = _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)
-            commit_layer(stage_dir, index, unit, None if plan.is_last(index) else hidden, {"starved": starved},
-                         blocks)
+            state = {"starved": starved, "starved_tokens": starved_tokens}
+            commit_layer(stage_dir, index, unit, None if plan.is_last(index) else hidden, state, blocks)
             del layer
             progress.advance(task)
-    return _finish(stage, source, starved, len(todo))
+    return _finish(stage, source, settings, starved_tokens, len(todo))
 
 
 def _record_layer(streamer, layer, index: int, hidden, source: ModelSource, settings: CalibrateSettings, device,
@@ -96,17 +102,28 @@ def _record_layer(streamer, layer, index: int, hidden, source: ModelSource, sett
     torchrun each rank runs its blocks and the sums are added in block order (`record_in_rounds`)."""
     collector = LayerStatsCollector(layer, source.adapter, source.num_experts, settings.expert_second_moments,
                                     routing=settings.routing, layout=settings.moments)
+    inputs = hidden
     try:
-        if blocks.ranks == 1:
-            hidden = _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)
-        else:
-            forward = lambda batch: _forward_layer(streamer, layer, index, batch, settings.batch_size, device)  # noqa: E731
-            hidden = record_in_rounds(collector, forward, hidden, blocks)
+        hidden = _stats_pass(streamer, layer, index, inputs, settings, device, blocks, collector)
     finally:
         collector.close()
-    starved_here = collector.starved_experts(settings.min_expert_tokens)
+    # expert -> its routed tokens (router.load: the same as its count under the model's routing)
+    starved_here = {e: int(collector.load[e]) for e in collector.starved_experts(settings.min_expert_tokens)}
+    if starved_here and settings.starved_fallback == "all-tokens":  # (under `routing: all` none starves)
+        collector.fallback = collect_fallback(
+            layer, source.adapter, sorted(starved_here), settings.expert_second_moments, collector.expert_dtype,
+            lambda fallback: _stats_pass(streamer, layer, index, inputs, settings, device, blocks, fallback))
     stats = collector.release_tensors(getattr(torch, settings.moments_dtype))
     return hidden, (layer_unit(index), stats, collector.metadata(index).to_json()), starved_here
+
+
+def _stats_pass(streamer, layer, index: int, hidden, settings: CalibrateSettings, device, blocks: Blocks, collector):
+    """The layer over this rank's sequences with `collector`'s hooks on: its output. Under torchrun the
+    sums are added in block order across ranks (`record_in_rounds`), so any world size gives the same bits."""
+    if blocks.ranks == 1:
+        return _forward_layer(streamer, layer, index, hidden, settings.batch_size, device)
+    forward = lambda batch: _forward_layer(streamer, layer, index, batch, settings.batch_size, device)  # noqa: E731
+    return record_in_rounds(collector, forward, hidden, blocks)
 
 
 @torch.no_grad()
@@ -121,19 +138,25 @@ def _forward_layer(streamer, layer, index, hidden, batch_size, device) -> torch.
     return output
 
 
-def _finish(stage: StageRun, source: ModelSource, starved: dict, layers_done: int) -> dict:
+def _finish(stage: StageRun, source: ModelSource, settings: CalibrateSettings, starved: dict, layers_done: int
+            ) -> dict:
+    """`starved`: layer -> {expert: routed tokens} of the experts under min_expert_tokens."""
     stage_dir, seconds = stage.dir, stage.seconds
     total_bytes = sum(record["bytes"] for record in stage_dir.manifest["units"].values())
     summary = {
         "layers": source.num_layers,
         "seconds": round(seconds, 3),
         "seconds_per_layer": round(seconds / max(layers_done, 1), 3),
-        "starved_experts": starved,
+        "starved_experts": {layer: sorted(int(e) for e in experts) for layer, experts in starved.items()},
+        "starved_tokens": starved,
+        "starved_fallback": settings.starved_fallback,
         "bytes": total_bytes,
     }
     if starved:
         count = sum(len(experts) for experts in starved.values())
-        warn(f"calibrate: {count} expert(s) in {len(starved)} layer(s) got few tokens; their corrections stay "
-             f"identity (see {stage_dir.path}/manifest.json, state.starved)")
+        what = ("their statistics are those of every token of their layer (starved_fallback all-tokens)"
+                if settings.starved_fallback == "all-tokens" else "their corrections stay identity")
+        warn(f"calibrate: {count} expert(s) in {len(starved)} layer(s) got fewer than {settings.min_expert_tokens} "
+             f"routed tokens; {what} (see {stage_dir.path}/manifest.json, state.starved_tokens)")
     return stage.finish(summary, f"calibrate: {source.num_layers} layers in {seconds:.1f}s, "
                                  f"{total_bytes / 2**20:.1f} MiB of statistics in {stage_dir.path}")

@@ -49,6 +49,26 @@ class KltLayerMeta:
         return {"layer": self.layer, "parts": {name: part.to_json() for name, part in self.parts.items()}}
 
 
+def check_budget_code_size(run_dir: Path, stage: str, bits: int | None = None, dim: int | None = None,
+                           corrected: bool | None = None) -> None:
+    """Refuse vq's or bcos's settings when klt-svd chose its ranks for a bit budget (`--target-bits`) at
+    another code size (its manifest's `state.budget.assumes`); nothing to check without a budget."""
+    from kbvq_cli.errors import KbvqError
+    from kbvq_cli.stage_dir import MANIFEST, read_manifest
+
+    if not (Path(run_dir) / STAGE / MANIFEST).exists():
+        return
+    recorded = read_manifest(Path(run_dir) / STAGE).get("state", {}).get("budget")
+    if not recorded:
+        return
+    have = {key: value for key, value in (("bits", bits), ("dim", dim), ("corrected", corrected)) if value is not None}
+    differ = [key for key, value in have.items() if value != recorded["assumes"].get(key)]
+    if differ:
+        listed = ", ".join(f"{key} {have[key]} (the budget's: {recorded['assumes'].get(key)})" for key in differ)
+        raise KbvqError(f"{stage}: klt-svd chose its ranks for target_bits {recorded['target_bits']} at other "
+                        f"settings: {listed}; use the budget's, or redo klt-svd under these (`kbvq klt-svd --restart`)")
+
+
 def read_layer_meta(stage_dir: StageDir, index: int) -> KltLayerMeta:
     return KltLayerMeta.from_json(stage_dir.read_metadata(layer_unit(index)))
 

@@ -26,6 +26,7 @@ from kbvq_cli.streaming import pick_device
 from stages.calibrate.reader import Calibration, CalibrationLayer
 from stages.klt_svd.config import KltSvdSettings
 from stages.klt_svd.core import damped_klt, decompose, select_rank
+from stages.klt_svd.budget import budget_plan
 from stages.klt_svd.rank_limit import check_rank_fits
 from stages.klt_svd.reader import KltLayerMeta, PartMeta, read_layer_meta
 
@@ -39,17 +40,21 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     source = ModelSource(require_model(resolved))
     check_rank_fits(source, settings)  # before anything is written: refused, the run is left as it was
     device = pick_device(settings.device)
-    stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint())
+    moe_layers = [i for i in range(source.num_layers) if calibration.layer_is_moe(i)]
+    budget = budget_plan(resolved, source, settings, len(moe_layers))  # None without --target-bits
+    inputs = {"budget_code_size": budget.code.to_json()} if budget else {}
+    stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint(), **inputs)
     if stage.complete:
         return stage.skip()
-    moe_layers = [i for i in range(source.num_layers) if calibration.layer_is_moe(i)]
+    chooser = budget.chooser(stage, moe_layers, source, calibration, device, decompose_layer) if budget else None
     with progress_bar() as progress:
         task = progress.add_task("klt-svd layers", total=len(moe_layers))
         for index in stage.mine(moe_layers, layer_unit):  # under torchrun, this rank's layers
             name = layer_unit(index)
             if not stage.dir.has_unit(name):
                 experts = layer_experts(source, index, torch.float32, device)
-                tensors, parts = decompose_layer(experts, calibration.layer(index, device), settings)
+                tensors, parts = decompose_layer(experts, calibration.layer(index, device), settings,
+                                                 chooser(index) if chooser else None)
                 stage.dir.write_unit(name, tensors, KltLayerMeta(index, parts).to_json())
             progress.advance(task)
     stage.gather()
@@ -57,6 +62,8 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     mean_rho = sum(captured) / max(len(captured), 1)
     summary = {"layers": len(moe_layers), "seconds": round(stage.seconds, 3), "mean_rho_k": round(mean_rho, 6),
                "mean_relative_output_error_of_shared_part": round(1 - mean_rho, 6)}
+    if budget:
+        summary["budget"] = stage.dir.manifest["state"]["budget"]
     return stage.finish(summary, f"klt-svd: {len(moe_layers)} MoE layers in {stage.seconds:.1f}s; the shared parts "
                                  f"hold {100 * mean_rho:.1f}% of the mapped weights' energy (mean rho_k), leaving "
                                  f"{100 * (1 - mean_rho):.1f}% to VQ")
@@ -67,10 +74,12 @@ def _chooser(settings: KltSvdSettings, oc: int, ic: int):
                                    energy=settings.energy)
 
 
-def decompose_layer(experts: LayerExperts, stats: CalibrationLayer, settings: KltSvdSettings
+def decompose_layer(experts: LayerExperts, stats: CalibrationLayer, settings: KltSvdSettings, choose=None
                     ) -> tuple[dict, dict[str, PartMeta]]:
-    """All decomposed parts of one MoE layer: (tensors for the shard, part -> how it was decomposed)."""
+    """All decomposed parts of one MoE layer: (tensors for the shard, part -> how it was decomposed).
+    `choose(part, oc, ic)` gives each part's rank chooser (a bit budget's); by default the settings'."""
     tensors, parts = {}, {}
+    choose = choose or (lambda part, oc, ic: _chooser(settings, oc, ic))
     block = stats.input_moments("block").second_moment()
     gate_up_klt = damped_klt(block, settings.damp) if settings.klt else None
     for projection in ("gate", "up"):
@@ -79,7 +88,7 @@ def decompose_layer(experts: LayerExperts, stats: CalibrationLayer, settings: Kl
         if stack_shared:
             weights.append(experts.shared[projection])
         oc, ic = weights[0].shape
-        result = decompose(weights, gate_up_klt, _chooser(settings, oc, ic))
+        result = decompose(weights, gate_up_klt, choose(projection, oc, ic))
         routed_coeffs = result.expert_coeffs[: experts.num_experts]
         _store(tensors, parts, projection, result, routed_coeffs, settings.klt)
         if stack_shared:
@@ -89,24 +98,24 @@ def decompose_layer(experts: LayerExperts, stats: CalibrationLayer, settings: Kl
         oc, ic = weights[0].shape
         if settings.down == "pooled":
             klt = damped_klt(stats.pooled_down_second_moment(), settings.damp) if settings.klt else None
-            result = decompose(weights, klt, _chooser(settings, oc, ic))
+            result = decompose(weights, klt, choose("down", oc, ic))
         else:
-            result = decompose(weights, None, _chooser(settings, oc, ic), side="output")
+            result = decompose(weights, None, choose("down", oc, ic), side="output")
         _store(tensors, parts, "down", result, result.expert_coeffs, settings.klt and settings.down == "pooled")
         if experts.shared:
-            _decompose_shared_down(tensors, parts, experts, stats, settings)
+            _decompose_shared_down(tensors, parts, experts, stats, settings, choose)
     return tensors, parts
 
 
 def _decompose_shared_down(tensors, parts, experts: LayerExperts, stats: CalibrationLayer,
-                           settings: KltSvdSettings) -> None:
+                           settings: KltSvdSettings, choose) -> None:
     """A shared expert's down input is its own activation space: decomposed alone, with its own KLT."""
     weight = experts.shared["down"]
     klt = None
     if settings.klt:
         klt = damped_klt(stats.input_moments(f"linear.{experts.shared_path}.down_proj").second_moment(), settings.damp)
     oc, ic = weight.shape
-    result = decompose([weight], klt, _chooser(settings, oc, ic))
+    result = decompose([weight], klt, choose(f"{SHARED}.down", oc, ic))
     _store(tensors, parts, f"{SHARED}.down", result, result.expert_coeffs, settings.klt)
 
 

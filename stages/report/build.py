@@ -58,8 +58,8 @@ def header(view: RunView, layers: list[int], compare) -> list[str]:
     lines += md.paragraph(f"Run `{view.run_dir}`, model `{view.source.name}` ({view.source.adapter.model_type}, "
                           f"{view.source.num_layers} layers, {view.source.num_experts} routed experts). Everything "
                           f"below is read from the stages' saved shards; nothing is recomputed from data.")
-    lines += [_stage_line(view, "calibrate", ("samples", "seqlen", "min_expert_tokens")),
-              _stage_line(view, "klt-svd", ("rank", "rank_ratio", "energy", "klt", "down")),
+    lines += [_stage_line(view, "calibrate", ("samples", "seqlen", "routing", "min_expert_tokens", "starved_fallback")),
+              _stage_line(view, "klt-svd", ("rank", "rank_ratio", "energy", "target_bits", "klt", "down")),
               _stage_line(view, "vq", ("bits", "dim", "iters")),
               _stage_line(view, "bcos", ("mode", "propagate")),
               _stage_line(view, "pack", ()), ""]

@@ -45,7 +45,7 @@ def spectrum_section(view: RunView, out_dir: Path, layers: list[int]) -> list[st
         "Per MoE layer and part: the chosen rank k and rho_k, the share of the stacked experts' energy (sum of "
         "squared singular values, in KLT space where the KLT was used) that the shared basis captures (Eq. 17). "
         "`shared.down` is a shared expert's own down projection, decomposed alone.")
-    lines += spectrum_table(view)
+    lines += spectrum_table(view) + _budget_paragraph(view)
     for index in layers:
         spectra = layer_spectra(view, index)
         spectra = {name: spectra[name] for name in _ordered(spectra)}
@@ -53,6 +53,21 @@ def spectrum_section(view: RunView, out_dir: Path, layers: list[int]) -> list[st
         lines += md.image(path, f"Layer {index}: energy share of each singular value (top, log-log) and rho_k "
                                 f"(bottom) against k; the red dashed line is the rank klt-svd chose.")
     return lines
+
+
+def _budget_paragraph(view: RunView) -> list[str]:
+    """How `--target-bits` chose the ranks above (klt-svd's manifest `budget`), if it did."""
+    budget = view.klt.stage_dir.manifest.get("summary", {}).get("budget")
+    if not budget:
+        return []
+    code = budget["assumes"]
+    return md.paragraph(
+        f"The ranks above were chosen by `--target-bits {budget['target_bits']}` (stages/klt_svd/budget.py): greedily "
+        f"by estimated output error removed per bit, each rank's estimate its share of the stacked energy. At "
+        f"{code['bits']}-bit codes of length {code['dim']}{' with BCOS' if code['corrected'] else ''} the parts cost "
+        f"{budget['rank0_bits_per_expert_weight']:.4f} bits per expert weight at rank 0 and "
+        f"{budget['estimated_bits_per_expert_weight']:.4f} with these ranks (formula, padding reserved); the shared "
+        f"parts leave a mean relative tail energy of {budget['estimated_shared_part_error']:.4f}.")
 
 
 def layer_similarity(view: RunView, index: int, projection: str) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +110,8 @@ def load_section(view: RunView, out_dir: Path, layers: list[int]) -> list[str]:
     minimum = view.min_expert_tokens
     lines = md.heading("5. Expert load on the calibration tokens")
     lines += md.paragraph(f"Tokens routed to each expert (top-k assignments, from calibrate). An expert with fewer "
-                          f"than calibrate's min_expert_tokens = {minimum} is starved.{_bcos_starved(view)}")
+                          f"than calibrate's min_expert_tokens = {minimum} is starved.{_fallback(view)}"
+                          f"{_bcos_starved(view)}")
     path = load_figure(out_dir / "expert_load.png", moe, loads, minimum)
     lines += md.image(path, "Tokens per expert (columns) and MoE layer (rows); starved experts boxed in red.")
     rows = [[str(index), md.fmt_int(load.sum()), md.fmt_int(load.min()), md.fmt_int(load.max()),
@@ -107,6 +123,18 @@ def load_section(view: RunView, out_dir: Path, layers: list[int]) -> list[str]:
     lines += md.table(["expert"] + [f"layer {index}" for index in layers], per_expert)
     _write_load_csv(out_dir / "expert_load.csv", moe, loads, minimum)
     return lines + md.paragraph("Every layer's counts: [expert_load.csv](expert_load.csv).")
+
+
+def _fallback(view: RunView) -> str:
+    """What calibrate did with its starved experts (`starved_fallback`), and which they were."""
+    manifest = view.calibration.stage_dir.manifest
+    starved = manifest.get("state", {}).get("starved_tokens", {})
+    listed = "; ".join(f"layer {layer}: " + ", ".join(f"expert {e} ({n} tokens)" for e, n in experts.items())
+                       for layer, experts in starved.items())
+    if manifest["config"].get("starved_fallback", "all-tokens") == "none":
+        return f" Their statistics are their few routed tokens' (starved_fallback none): {listed or 'none'}."
+    return (f" Their statistics were taken over every token of their layer instead (starved_fallback "
+            f"all-tokens): {listed or 'none'}.")
 
 
 def _bcos_starved(view: RunView) -> str:

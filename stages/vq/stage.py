@@ -20,7 +20,7 @@ from kbvq_cli.stage_run import StageRun, require_model
 from kbvq_cli.streaming import pick_device
 from kbvq_cli.units import expert_ids, expert_unit
 from stages.calibrate.reader import Calibration
-from stages.klt_svd.reader import KltSvd
+from stages.klt_svd.reader import KltSvd, check_budget_code_size
 from stages.vq.backends import make_backend
 from stages.vq.batched import kmeans_batched
 from stages.vq.core import codebook_size, dequantize, to_subvectors, vq_quantize
@@ -42,6 +42,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     calibration, klt = Calibration(resolved.run_dir), KltSvd(resolved.run_dir)
     source = ModelSource(require_model(resolved))
     device = pick_device(settings.device) if settings.backend == "torch" else "cpu"
+    check_budget_code_size(resolved.run_dir, STAGE, bits=settings.bits, dim=settings.dim)  # before any write
     stage = StageRun.open(resolved, STAGE, restart, model=source.fingerprint(), compute=torch.device(device).type)
     if stage.complete:
         return stage.skip()

@@ -1,0 +1,49 @@
+"""The plus ablation's recipes and table (kbvq_cli/plus_ablation.py, `kbvq table plus`), without running arms."""
+
+import json
+
+import pytest
+import yaml
+
+from cli_util import run_cli
+from kbvq_cli.errors import KbvqError
+from kbvq_cli.package_data import recipes_dir
+from kbvq_cli.plus_ablation import arm_recipe, parse_arms, table_lines
+
+
+@pytest.fixture
+def fake_testbed(tmp_path, monkeypatch):
+    """A directory that says it is a mini test-bed (only its testbed.json is read here)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "testbed.json").write_text(json.dumps({"variant": "upcycled-mini"}))
+    return "tb"
+
+
+def test_arms_lay_their_settings_over_the_family_recipe(fake_testbed):
+    paper = yaml.safe_load(arm_recipe(recipes_dir(), fake_testbed, "kbvq-w2", 1).read_text())
+    assert paper["model"] == "tb" and paper["calibrate"]["data"] == "tb/calib.txt"
+    assert paper["run"] == "runs/tb/plus/kbvq-w2-s1" and paper["vq"]["seed"] == 1
+    assert paper["calibration"] == "runs/tb/calibration" and paper["klt-svd"] == {"rank": 4}
+    budget = yaml.safe_load(arm_recipe(recipes_dir(), fake_testbed, "budget", 1, target_bits=4.87).read_text())
+    assert budget["klt-svd"] == {"target_bits": 4.87}  # in place of the recipe's rank, at the paper's bits
+    routing = yaml.safe_load(arm_recipe(recipes_dir(), fake_testbed, "plus+routing-all", 2).read_text())
+    assert routing["calibration"] == "runs/tb/calibration-routing-all" and routing["calibrate"]["routing"] == "all"
+    assert routing["vq"]["refine_iters"] == 4 and routing["vq"]["seed"] == 2
+    gptq = yaml.safe_load(arm_recipe(recipes_dir(), fake_testbed, "gptq-w2g128", 2).read_text())
+    assert gptq["run"] == "runs/tb/plus/gptq-w2g128-s0" and "vq" not in gptq  # no seed: one run for all
+
+
+def test_unknown_arms_and_bad_seeds_are_one_line(fake_testbed):
+    with pytest.raises(KbvqError, match="unknown arm"):
+        parse_arms("kbvq-w2,nope")
+    result = run_cli("table", "plus", "--testbed", fake_testbed, "--seeds", "a", "--no-run")
+    assert result.exit_code == 2 and result.output.strip().startswith("error: --seeds takes")
+    result = run_cli("table", "plus", "--testbed", "missing", "--no-run")
+    assert result.exit_code == 2 and "not a built test-bed" in result.output
+
+
+def test_the_table_shows_arms_not_run_yet(fake_testbed):
+    lines = table_lines(fake_testbed, parse_arms(None), [0, 1, 2])
+    assert "FP perplexity not measured yet" in lines[0]
+    assert len([line for line in lines if line.endswith("| not run |")]) == len(parse_arms(None))
