@@ -529,7 +529,10 @@ void project(const Job* jobs, int64_t count, int64_t threads) {
     for (int64_t b = 0; b * kOutBlock < jobs[j].oc; ++b) items.push_back({j, b});
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
-#pragma omp parallel for schedule(static) num_threads(threads)
+  // Dynamic: on a machine shared with other work one thread may start late or be preempted, and the other
+  // then takes its blocks instead of waiting at the end. Each block owns its output columns and sums its
+  // chunks in order, so which thread runs it changes no bit.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t i = 0; i < n_items; ++i) {
     const Job& job = jobs[items[i].first];
     const int64_t o0 = items[i].second * kOutBlock, o1 = std::min(job.oc, o0 + kOutBlock);
