@@ -111,9 +111,9 @@ def bench_expert(args) -> None:
 
 
 def metric_seconds(experts, stats, repeats: int) -> float:
-    """The stage's output-error work for one expert alone (`relative_output_errors` per projection, with
-    the moments read as the stage reads them), best of `repeats`."""
-    from kbvq_cli.output_error import relative_output_errors
+    """The stage's output-error work for one expert alone (`vq_output_errors` per projection, with the
+    moments read as the stage reads them), best of `repeats`."""
+    from kbvq_cli.output_error import vq_output_errors
 
     best = float("inf")
     for _ in range(repeats):
@@ -121,7 +121,7 @@ def metric_seconds(experts, stats, repeats: int) -> float:
         for projection in ("gate", "up", "down"):
             weight = experts.matrix(projection, 0)
             second = stats.expert_input(projection, 0, None).sum_xxT
-            relative_output_errors(weight, [weight * 0.5, weight * 0.9], second)
+            vq_output_errors(weight, weight * 0.9, None, second)
         best = min(best, time.time() - started)
     return best
 

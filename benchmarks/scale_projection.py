@@ -4,7 +4,8 @@ assumption is in ASSUMPTIONS and printed with the table.
 
 Per stage and MoE layer, each term is (operations or bytes) / (rate x efficiency) on the device the
 stage uses there: calibrate's forward in bf16 and its statistics in float32 (TF32 off) on the GPU;
-klt-svd's Gram matrices in float32 and its eigendecompositions and KLT products in float64 on the GPU;
+klt-svd's Gram matrices in float32 (upper block triangle) and its Cholesky factors, eigendecompositions
+(block Krylov for the leading eigenpairs of inputs wider than 8192) and KLT products in float64 on the GPU;
 vq's k-means on the GPU (torch backend, `backend: auto` on CUDA), where each Lloyd step's score block
 is memory-bound; bcos's closed form on the GPU (float32 products, float64 sums); every stage reads the model's weights from
 disk once, and pack writes its output. Dense layers (DeepSeek-V2-Lite's first) count only in calibrate.
@@ -16,10 +17,14 @@ from dataclasses import dataclass
 
 from paper_models import PAPER_MODELS, paper_config
 
+LEADING_ONLY_ABOVE = 8192  # stages/klt_svd/core.py: wider inputs get only their leading eigenpairs
+# block Krylov steps and width: an allowance (a flat 2048-wide spectrum took 29 steps of 32 to the 1e-8 residual)
+KRYLOV_BLOCKS, KRYLOV_BLOCK = 40, 32
+
 ASSUMPTIONS = {
     "fp32 (non-tensor) TFLOP/s": 38.7, "bf16 tensor TFLOP/s": 154.8, "fp64 TFLOP/s": 38.7 / 64,
     "memory GB/s": 768.0, "PCIe GB/s": 25.0, "disk GB/s": 2.0, "compute efficiency": 0.5,
-    "bandwidth efficiency": 0.7, "eigh flops": "9 n^3", "tokens": 256 * 4096, "Lloyd iterations": 100,
+    "bandwidth efficiency": 0.7, "eigh flops": "9 n^3", "cholesky flops": "n^3 / 3", "tokens": 256 * 4096, "Lloyd iterations": 100,
     "codewords": 256, "vector length": 4,
 }
 
@@ -83,14 +88,20 @@ def calibrate_seconds(s: Shapes) -> float:
 
 def klt_svd_seconds(s: Shapes) -> float:
     h, i, e = s.hidden, s.inter, s.experts
-    grams = 2 * (2 * (e * i + s.shared) * h * h) + 2 * e * h * i * i
-    eigh = 9 * (3 * h ** 3 + 2 * i ** 3)  # block KLT, gate and up spectra; pooled-down KLT and spectrum
-    mapped = 2 * (2 * 2 * h ** 3) + 2 * 2 * i ** 3  # T^T G T for gate, up, down
+    grams = 0.6 * (2 * (2 * (e * i + s.shared) * h * h) + 2 * e * h * i * i)  # upper block triangle only
+    cholesky = (h ** 3 + i ** 3) / 3  # the KLTs' T = chol(C): block input and pooled down input
+    spectra, mapped = 0.0, 0.0
+    for dim, count in ((h, 2), (i, 1)):  # gate and up share the block KLT; the pooled down its own
+        if dim > LEADING_ONLY_ABOVE:  # the leading eigenpairs by block Krylov: T^T (G (T X)) per block
+            spectra += count * KRYLOV_BLOCKS * 3 * 2 * dim * dim * KRYLOV_BLOCK
+        else:
+            spectra += count * 9 * dim ** 3
+            mapped += count * 2 * 2 * dim ** 3  # T^T G T
     if s.shared:
         rows = min(h, s.shared)  # a shared down is decomposed from its row side (the smaller)
-        eigh += 9 * rows ** 3
+        spectra += 9 * rows ** 3
         mapped += 2 * h * s.shared * s.shared + 2 * h * h * s.shared
-    return grams / _rate("fp32 (non-tensor) TFLOP/s") + (eigh + mapped) / _rate("fp64 TFLOP/s")
+    return grams / _rate("fp32 (non-tensor) TFLOP/s") + (cholesky + spectra + mapped) / _rate("fp64 TFLOP/s")
 
 
 def _matrices(s: Shapes) -> list[tuple[int, int]]:

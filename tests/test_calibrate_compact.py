@@ -176,6 +176,11 @@ def test_stages_read_compact_like_exact(tiny_model_dir, calib_text, tmp_path):
                             moments_dtype="float32").layer(1) for layout in ("exact", "compact")]
     exact, compact = layers
     assert compact.has_expert_second_moments and exact.has_expert_second_moments
+    for layer in layers:  # klt-svd's view: the per-expert moments dropped, the rest as it was
+        stripped = layer.without_expert_moments()
+        assert not stripped.has_expert_second_moments and layer.has_expert_second_moments
+        assert torch.equal(stripped.pooled_down_second_moment(), layer.pooled_down_second_moment())
+        assert torch.equal(stripped.input_moments("block").sum_xxT, layer.input_moments("block").sum_xxT)
     torch.testing.assert_close(compact.input_moments("block").sum_xxT.double(),
                                exact.input_moments("block").sum_xxT.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(compact.pooled_down_second_moment(), exact.pooled_down_second_moment(),

@@ -141,13 +141,91 @@ def test_wide_stack_uses_the_row_side_gram_with_the_same_shared_parts(with_klt, 
 
 
 def test_one_klt_is_factored_once_for_every_projection_that_shares_it(monkeypatch):
-    """gate and up share the block input's KLT: one eigendecomposition of C, one of each mapped Gram."""
+    """gate and up share the block input's KLT: one Cholesky factorization of C (no eigendecomposition
+    of it), one eigendecomposition of each mapped Gram."""
     klt = damped_klt(random_second_moment(16), 0.01)
     sizes, eigh = [], torch.linalg.eigh
+    factored, cholesky = [], torch.linalg.cholesky_ex
     monkeypatch.setattr(torch.linalg, "eigh", lambda m: sizes.append(m.shape[0]) or eigh(m))
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda m: factored.append(m.shape[0]) or cholesky(m))
     for _ in ("gate", "up"):
         decompose(experts(), klt, fixed(3))
-    assert sizes == [16, 16, 16]
+    assert sizes == [16, 16] and factored == [16]
+
+
+def eigen_klt_shared_parts(weights, c, k):
+    """W_share from the paper's KLT T = V diag(sqrt(lambda)) of the damped C, written out in float64."""
+    damped = c + 0.01 * c.diagonal().mean() * torch.eye(c.shape[0], dtype=torch.float64)
+    eigenvalues, vectors = torch.linalg.eigh(damped)
+    transform = vectors * eigenvalues.sqrt()
+    mapped = transform.T @ sum(w.T @ w for w in weights) @ transform
+    basis = torch.linalg.eigh(mapped).eigenvectors.flip(1)[:, :k]
+    return [w @ transform @ basis @ basis.T @ torch.linalg.inv(transform) for w in weights]
+
+
+def test_cholesky_klt_gives_the_eigen_klt_shared_parts():
+    """T = chol(C) and T = V diag(root) differ by an orthogonal factor, to which W_share is invariant."""
+    c, weights = random_second_moment(16), experts()
+    result = decompose(weights, damped_klt(c, 0.01), fixed(4))
+    for w, coeffs, expected in zip(weights, result.expert_coeffs, eigen_klt_shared_parts(weights, c, 4)):
+        torch.testing.assert_close(shared_part("input", result.shared_basis, coeffs), expected, rtol=0, atol=1e-10)
+
+
+def test_singular_second_moment_falls_back_to_the_clamped_eigen_klt():
+    """damp 0 on a rank-deficient C: Cholesky fails, T = V diag(root) with clamped eigenvalues stays invertible."""
+    x = torch.randn(5, 12, generator=G, dtype=torch.float64)
+    klt = damped_klt(x.T @ x, 0.0)
+    assert torch.isfinite(klt.inverse).all()
+    torch.testing.assert_close(klt.transform @ klt.transform.T, x.T @ x, rtol=0, atol=1e-9)
+
+
+def decaying_experts(n=8, oc=30, ic=120):
+    scale = torch.logspace(0, -1.5, ic, dtype=torch.float64)
+    return [torch.randn(oc, ic, generator=G, dtype=torch.float64) * scale for _ in range(n)]
+
+
+@pytest.mark.parametrize("with_klt", [True, False])
+def test_leading_eigenpairs_route_equals_the_full_eigendecomposition(with_klt):
+    """The wide-input route (k leading eigenpairs by block Krylov, mapped Gram never formed) gives the
+    full route's W_share to 1e-7 relative and its rho_1..rho_k to 1e-10; rho is against the exact energy."""
+    weights, c = decaying_experts(), random_second_moment(120)
+    full = decompose(weights, damped_klt(c, 0.01) if with_klt else None, fixed(5))
+    leading = decompose(weights, damped_klt(c, 0.01) if with_klt else None, fixed(5), fixed_rank=5, leading_above=0)
+    assert leading.rho.shape == (5,) and leading.singular_values.shape == (5,)
+    torch.testing.assert_close(leading.rho, full.rho[:5], rtol=0, atol=1e-10)
+    torch.testing.assert_close(leading.singular_values, full.singular_values[:5], rtol=1e-10, atol=0)
+    for w, a, b in zip(weights, full.expert_coeffs, leading.expert_coeffs):
+        expected = shared_part("input", full.shared_basis, a)
+        assert (shared_part("input", leading.shared_basis, b) - expected).norm() <= 1e-7 * expected.norm()
+
+
+def test_leading_eigenpairs_are_exact_and_deterministic():
+    from stages.klt_svd.leading import leading_eigenpairs
+
+    w = torch.randn(300, 100, generator=G, dtype=torch.float64)  # a flat (Marchenko-Pastur) spectrum, the hard case
+    m = w.T @ w
+    values, vectors, residual = leading_eigenpairs(lambda x: m @ x, 100, 6, block=8)
+    again = leading_eigenpairs(lambda x: m @ x, 100, 6, block=8)
+    assert torch.equal(values, again[0]) and torch.equal(vectors, again[1])
+    expected_values, expected_vectors = torch.linalg.eigh(m)
+    torch.testing.assert_close(values, expected_values.flip(0)[:6], rtol=1e-12, atol=0)
+    projector = expected_vectors[:, -6:] @ expected_vectors[:, -6:].T
+    assert residual <= 1e-8 and (vectors @ vectors.T - projector).norm() < 1e-6
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_gram_from_its_upper_block_triangle_equals_the_whole_product(side):
+    """gram multiplies only the upper block triangle of each float32 W^T W and sums it in float64."""
+    from stages.klt_svd.core import gram
+
+    weights = [torch.randn(40, 24, generator=G) for _ in range(3)]
+    expected = sum((w.T @ w if side == "input" else w @ w.T).double() for w in weights)
+    for tile in (5, 24, 1024):
+        torch.testing.assert_close(gram(weights, side, tile), expected, rtol=1e-6, atol=1e-5)
+    exact = [w.double() for w in weights]
+    torch.testing.assert_close(gram(exact, side, 7), sum(w.T @ w if side == "input" else w @ w.T for w in exact),
+                               rtol=1e-14, atol=1e-12)
 
 
 @pytest.mark.parametrize("dim,tile", [(5, 1024), (1030, 1024), (300, 7)])

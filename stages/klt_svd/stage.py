@@ -5,7 +5,8 @@ Shard `RUN/klt-svd/layer_NNN.safetensors`, for each decomposed part `P` (`gate`,
 - `P.shared_basis` and `P.expert_coeffs` ([E, oc, k] input side, [E, k, ic] output side), stored in
   16 bits: the values the packed model will hold, so `vq` quantizes the residual left by exactly them;
 - `P.shared_expert_coeffs` ([Is, k]) where the shared expert is stacked with the routed ones;
-- `P.singular_values`, `P.rho` (float32) for reports (Fig. 5).
+- `P.singular_values`, `P.rho` (float32) for reports (Fig. 5): the whole spectrum, or its leading `rank`
+  entries for an input wider than `core.LEADING_ONLY_ABOVE` decomposed at a fixed rank.
 The metadata records each part's side, rank, rho_k and whether the KLT was used.
 """
 
@@ -52,9 +53,11 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
         for index in stage.mine(moe_layers, layer_unit):  # under torchrun, this rank's layers
             name = layer_unit(index)
             if not stage.dir.has_unit(name):
+                # without the per-expert moments klt-svd never reads (1.6 GB at Mixtral), before the experts load
+                stats = calibration.layer(index, device).without_expert_moments()
                 experts = layer_experts(source, index, torch.float32, device)
-                tensors, parts = decompose_layer(experts, calibration.layer(index, device), settings,
-                                                 chooser(index) if chooser else None)
+                tensors, parts = decompose_layer(experts, stats, settings, chooser(index) if chooser else None)
+                del experts, stats
                 stage.dir.write_unit(name, tensors, KltLayerMeta(index, parts).to_json())
             progress.advance(task)
     stage.gather()
@@ -69,53 +72,69 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
                                  f"{100 * (1 - mean_rho):.1f}% to VQ")
 
 
-def _chooser(settings: KltSvdSettings, oc: int, ic: int):
-    return lambda rho: select_rank(rho, oc, ic, rank_ratio=settings.rank_ratio, rank=settings.rank,
-                                   energy=settings.energy)
+def _decompose(weights: list[torch.Tensor], klt, settings: KltSvdSettings, side: str = "input", part: str = "",
+               choose=None):
+    """`decompose` with the settings' rank (fixed up front unless it is chosen by energy), or with
+    `choose(part, oc, ic)`'s chooser (a bit budget's, which may read the whole spectrum)."""
+    oc, ic = weights[0].shape
+    if choose is not None:
+        return decompose(weights, klt, choose(part, oc, ic), side=side)
+
+    def choose(rho):
+        return select_rank(rho, oc, ic, rank_ratio=settings.rank_ratio, rank=settings.rank, energy=settings.energy)
+
+    # a ratio or an absolute rank never reads rho's values, only its length (ic on the column route)
+    fixed = None if settings.energy is not None else choose(torch.ones(ic, dtype=torch.float64))
+    return decompose(weights, klt, choose, side=side, fixed_rank=fixed)
 
 
 def decompose_layer(experts: LayerExperts, stats: CalibrationLayer, settings: KltSvdSettings, choose=None
                     ) -> tuple[dict, dict[str, PartMeta]]:
     """All decomposed parts of one MoE layer: (tensors for the shard, part -> how it was decomposed).
-    `choose(part, oc, ic)` gives each part's rank chooser (a bit budget's); by default the settings'."""
+    `choose(part, oc, ic)` gives each part's rank chooser (a bit budget's); by default the settings'.
+
+    Consumes `experts`' routed gate and up once decomposed: at Mixtral they are 3.8 GB of float32
+    the down decomposition does not need beside its own 1.6 GB matrices."""
     tensors, parts = {}, {}
-    choose = choose or (lambda part, oc, ic: _chooser(settings, oc, ic))
-    block = stats.input_moments("block").second_moment()
-    gate_up_klt = damped_klt(block, settings.damp) if settings.klt else None
+    gate_up_klt = None
+    if settings.klt:  # second moments come as fresh float64 tensors: damped in place
+        gate_up_klt = damped_klt(stats.input_moments("block").second_moment(), settings.damp, overwrite=True)
     for projection in ("gate", "up"):
         weights = list(experts.routed[projection])
         stack_shared = bool(experts.shared) and settings.include_shared_experts
         if stack_shared:
             weights.append(experts.shared[projection])
-        oc, ic = weights[0].shape
-        result = decompose(weights, gate_up_klt, choose(projection, oc, ic))
+        result = _decompose(weights, gate_up_klt, settings, part=projection, choose=choose)
+        del weights
         routed_coeffs = result.expert_coeffs[: experts.num_experts]
         _store(tensors, parts, projection, result, routed_coeffs, settings.klt)
         if stack_shared:
             tensors[f"{projection}.shared_expert_coeffs"] = _to_store(result.expert_coeffs[-1])
+        del result, routed_coeffs
+    del gate_up_klt, experts.routed["gate"], experts.routed["up"]
     if settings.down != "off":
         weights = list(experts.routed["down"])
-        oc, ic = weights[0].shape
         if settings.down == "pooled":
-            klt = damped_klt(stats.pooled_down_second_moment(), settings.damp) if settings.klt else None
-            result = decompose(weights, klt, choose("down", oc, ic))
+            klt = damped_klt(stats.pooled_down_second_moment(), settings.damp, overwrite=True) if settings.klt else None
+            result = _decompose(weights, klt, settings, part="down", choose=choose)
+            del klt
         else:
-            result = decompose(weights, None, choose("down", oc, ic), side="output")
+            result = _decompose(weights, None, settings, side="output", part="down", choose=choose)
         _store(tensors, parts, "down", result, result.expert_coeffs, settings.klt and settings.down == "pooled")
+        del weights, result
         if experts.shared:
             _decompose_shared_down(tensors, parts, experts, stats, settings, choose)
     return tensors, parts
 
 
 def _decompose_shared_down(tensors, parts, experts: LayerExperts, stats: CalibrationLayer,
-                           settings: KltSvdSettings, choose) -> None:
+                           settings: KltSvdSettings, choose=None) -> None:
     """A shared expert's down input is its own activation space: decomposed alone, with its own KLT."""
-    weight = experts.shared["down"]
     klt = None
     if settings.klt:
-        klt = damped_klt(stats.input_moments(f"linear.{experts.shared_path}.down_proj").second_moment(), settings.damp)
-    oc, ic = weight.shape
-    result = decompose([weight], klt, choose(f"{SHARED}.down", oc, ic))
+        moment = stats.input_moments(f"linear.{experts.shared_path}.down_proj").second_moment()
+        klt = damped_klt(moment, settings.damp, overwrite=True)
+    result = _decompose([experts.shared["down"]], klt, settings, part=f"{SHARED}.down", choose=choose)
     _store(tensors, parts, f"{SHARED}.down", result, result.expert_coeffs, settings.klt)
 
 

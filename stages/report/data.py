@@ -134,8 +134,8 @@ class RunView:
 class PartSpectrum:
     """One decomposed part's spectrum: singular values of the stack (descending) and rho for every k."""
 
-    singular_values: np.ndarray  # [min(stack rows, ic)] float64
-    rho: np.ndarray  # [same]; rho[k - 1] = energy fraction of the top k
+    singular_values: np.ndarray  # [min(stack rows, ic)] float64; [rank] where klt-svd kept only the leading ones
+    rho: np.ndarray  # [same]; rho[k - 1] = energy fraction of the top k (of the whole stack's energy)
     rank: int  # the rank klt-svd chose
     rho_k: float  # rho at that rank, as klt-svd recorded it (0 for rank 0)
     side: str  # "input" (stacked along the output dim) or "output" (down shared on its output side)

@@ -59,9 +59,10 @@ def spectrum_figure(path: Path, layer: int, spectra: dict) -> Path:
     figure = _figure(3.7 * len(spectra) + 0.6, 6.4)
     axes = figure.subplots(2, len(spectra), squeeze=False)
     for column, (part, spectrum) in enumerate(spectra.items()):
-        k = np.arange(1, spectrum.singular_values.size + 1)
-        energy = spectrum.singular_values ** 2
-        energy = energy / max(energy.sum(), 1e-300)
+        k = np.arange(1, spectrum.rho.size + 1)
+        # each k's share of the total energy, from rho: exact also where klt-svd kept only the leading
+        # k entries of a wide part's spectrum (rho is against the whole stack's energy)
+        energy = np.diff(spectrum.rho, prepend=0.0)
         top, bottom = axes[0, column], axes[1, column]
         top.plot(k, np.where(energy > 0, energy, np.nan), color="tab:blue", linewidth=1,
                  marker="." if k.size <= 200 else None, markersize=3)

@@ -128,7 +128,6 @@ def quantize_group(experts, parts, stats, layer: int, group: list, settings: VqS
                 (residual - approx).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-30))
             factors = parts.share_factors(projection, expert)
             factors = None if factors is None else tuple(f.to(weight.device) for f in factors)
-            before, after = vq_output_errors(residual, approx, None if factors is None else weight - residual,
-                                             factors, second)
+            before, after = vq_output_errors(residual, approx, factors, second)
             found["output_error_before"][projection], found["output_error"][projection] = before, after
     return [(VqExpertUnit(codebooks[e], indices[e]), VqExpertMeta(layer, e, **errors[e])) for e in group]
