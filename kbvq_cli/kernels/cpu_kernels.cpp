@@ -241,21 +241,26 @@ std::vector<Chunk> make_chunks(const int64_t* seg_bounds, int64_t S) {
   return chunks;
 }
 
-// One block of output rows of one chunk, without a table.
+// Where each of a chunk's kMaxChunk token slots reads x: row r of the chunk reads x row source[r] (row r when
+// source is null); padding slots repeat the last row, and their sums are dropped.
+inline void chunk_rows(const Chunk& ch, const float* x, int64_t ic, const int64_t* source, const float** x_rows) {
+  for (int64_t t = 0; t < kMaxChunk; ++t) {
+    const int64_t r = ch.row0 + std::min(t, ch.rows - 1);
+    x_rows[t] = x + (source ? source[r] : r) * ic;
+  }
+}
+
+// Output rows o0 .. o1 of one chunk, without a table, by the kernel for its token count and d: token t's
+// result for row o lands at out[t * stride + o].
 template <typename Code>
-void gather_block(const Chunk& ch, const float* x, int64_t ic, const Code* codes, const float* cb, int64_t d,
-                  int64_t oc, int64_t o0, int64_t o1, float* out) {
-  const int64_t J = ic / d;
-  const float* x_rows[kMaxChunk];
-  for (int64_t t = 0; t < kMaxChunk; ++t)  // padding tokens repeat the last row; their sums are dropped
-    x_rows[t] = x + (ch.row0 + std::min(t, ch.rows - 1)) * ic;
-  float* y = out + ch.row0 * oc;
+void gather_block(const Chunk& ch, const float* const* x_rows, const Code* codes, const float* cb, int64_t J,
+                  int64_t d, int64_t stride, int64_t o0, int64_t o1, float* out) {
   with_tc(ch.tc, [&](auto tc) { with_d(d, [&](auto dc) {
     constexpr int64_t TC = decltype(tc)::value, D = decltype(dc)::value;
-    if constexpr (D == 0) gather_any<Code>(x_rows, codes, cb, J, d, oc, o0, o1, ch.rows, y);
-    else if constexpr (TC == 1 && D < 8) gather_one_wide<Code, D>(x_rows[0], codes, cb, J, o0, o1, y);
-    else if constexpr (TC == 1) gather_one<Code, D>(x_rows[0], codes, cb, J, o0, o1, y);
-    else gather_tokens<Code, TC, D>(x_rows, codes, cb, J, oc, o0, o1, ch.rows, y);
+    if constexpr (D == 0) gather_any<Code>(x_rows, codes, cb, J, d, stride, o0, o1, ch.rows, out);
+    else if constexpr (TC == 1 && D < 8) gather_one_wide<Code, D>(x_rows[0], codes, cb, J, o0, o1, out);
+    else if constexpr (TC == 1) gather_one<Code, D>(x_rows[0], codes, cb, J, o0, o1, out);
+    else gather_tokens<Code, TC, D>(x_rows, codes, cb, J, stride, o0, o1, ch.rows, out);
   }); });
 }
 
@@ -288,7 +293,11 @@ void decode(const float* x, const int64_t* seg_bounds, int64_t S, const void* co
     for (int64_t b = 0; b < out_blocks; ++b) {
       const int64_t o0 = b * kOutBlock, o1 = std::min(oc, o0 + kOutBlock);
       if (table) gather_lut<Code>(lut, expert, J, K, o0, o1, out + ch.row0 * oc);
-      else gather_block<Code>(ch, x, ic, expert, cb, d, oc, o0, o1, out);
+      else {
+        const float* x_rows[kMaxChunk];
+        chunk_rows(ch, x, ic, nullptr, x_rows);
+        gather_block<Code>(ch, x_rows, expert, cb, J, d, oc, o0, o1, out + ch.row0 * oc);
+      }
     }
   }
 }
@@ -487,17 +496,8 @@ void project_block(const Job& job, const Prepared& p, int64_t o0, int64_t o1) {
     const Code* block = codes + (e * job.oc + o0) * J;
     const float* cb = p.codebooks.data() + ch.segment * job.K * job.d;
     const float* x_rows[kMaxChunk];
-    for (int64_t t = 0; t < kMaxChunk; ++t) {  // padding tokens repeat the last row; their sums are dropped
-      const int64_t r = ch.row0 + std::min(t, ch.rows - 1);
-      x_rows[t] = job.x + (job.source ? job.source[r] : r) * job.ic;
-    }
-    with_tc(ch.tc, [&](auto tc) { with_d(job.d, [&](auto dc) {
-      constexpr int64_t TC = decltype(tc)::value, D = decltype(dc)::value;
-      if constexpr (D == 0) gather_any<Code>(x_rows, block, cb, J, job.d, kOutBlock, 0, width, ch.rows, vq);
-      else if constexpr (TC == 1 && D < 8) gather_one_wide<Code, D>(x_rows[0], block, cb, J, 0, width, vq);
-      else if constexpr (TC == 1) gather_one<Code, D>(x_rows[0], block, cb, J, 0, width, vq);
-      else gather_tokens<Code, TC, D>(x_rows, block, cb, J, kOutBlock, 0, width, ch.rows, vq);
-    }); });
+    chunk_rows(ch, job.x, job.ic, job.source, x_rows);
+    gather_block<Code>(ch, x_rows, block, cb, J, job.d, kOutBlock, 0, width, vq);
     for (int64_t t = 0; t < ch.rows; ++t) {
       const int64_t r = ch.row0 + t;
       float* v = vq + t * kOutBlock;

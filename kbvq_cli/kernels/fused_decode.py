@@ -49,19 +49,26 @@ class _Keep(list):
         return cpu_backend.Part(self.pointer(tensor.contiguous()), _DTYPES[tensor.dtype])
 
 
-def _job(keep: _Keep, x: torch.Tensor, parts, segments: list[Segment], rows: int, out: torch.Tensor,
+class _Segments:
+    """Segments as the kernel reads them, made once for all the projections of a call."""
+
+    def __init__(self, segments: list[Segment]):
+        self.count = len(segments)
+        self.bounds = torch.tensor([[start, end] for _, start, end in segments], dtype=torch.int64)
+        self.experts = torch.tensor([expert for expert, _, _ in segments], dtype=torch.int64)
+
+
+def _job(keep: _Keep, x: torch.Tensor, parts, segments: _Segments, rows: int, out: torch.Tensor,
          source: torch.Tensor | None = None, target: torch.Tensor | None = None,
          weight: torch.Tensor | None = None) -> cpu_backend.Job:
     """x [X, ic] float32 contiguous; out [rows, oc] (or [targets, oc] with target/weight) float32."""
     indices = parts.indices.contiguous()
     _, oc, _ = indices.shape
     num_codes, d = parts.codebook.shape[1:]
-    bounds = torch.tensor([[start, end] for _, start, end in segments], dtype=torch.int64)
-    experts = torch.tensor([expert for expert, _, _ in segments], dtype=torch.int64)
     rank = 0 if parts.shared_basis is None else parts.shared_basis.shape[0]
     return cpu_backend.Job(
-        keep.pointer(x), x.shape[0], keep.pointer(source), rows, keep.pointer(bounds), keep.pointer(experts),
-        len(segments), keep.pointer(indices), code_bytes(indices), oc, x.shape[1], num_codes, d,
+        keep.pointer(x), x.shape[0], keep.pointer(source), rows, keep.pointer(segments.bounds), keep.pointer(segments.experts),
+        segments.count, keep.pointer(indices), code_bytes(indices), oc, x.shape[1], num_codes, d,
         keep.part(parts.codebook), keep.part(parts.scale), keep.part(parts.shift), int(parts.side == "output"),
         rank, keep.part(parts.shared_basis), keep.part(parts.expert_coeffs), keep.pointer(out),
         keep.pointer(target), keep.pointer(weight))
@@ -70,10 +77,9 @@ def _job(keep: _Keep, x: torch.Tensor, parts, segments: list[Segment], rows: int
 def projection(x: torch.Tensor, parts, segments: list[Segment]) -> torch.Tensor:
     """The whole projection of rows sorted by expert: x [N, ic] -> [N, oc] float32 (rows of no segment: 0)."""
     x = x.float().contiguous()
-    out = (torch.empty if sum(end - start for _, start, end in segments) == x.shape[0] else torch.zeros)(
-        x.shape[0], parts.indices.shape[1])
+    out = torch.zeros(x.shape[0], parts.indices.shape[1])  # the kernel writes the segments' rows only
     keep = _Keep()
-    cpu_backend.project([_job(keep, x, parts, segments, x.shape[0], out)])
+    cpu_backend.project([_job(keep, x, parts, _Segments(segments), x.shape[0], out)])
     return out
 
 
@@ -95,9 +101,10 @@ def moe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Te
     """A routed layer at decode (see `moe_experts_forward`), or None when it is not decode-sized."""
     if top_k_index.numel() > MAX_ROWS:
         return None
-    token, slot, segments = _route(top_k_index, gate.num_experts)
-    if not fits(segments):
+    token, slot, routed = _route(top_k_index, gate.num_experts)
+    if not fits(routed):
         return None
+    segments = _Segments(routed)
     x = hidden.float().contiguous()
     rows = len(token)
     source = torch.tensor(token, dtype=torch.int64)
