@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
-    from kbvq_cli.errors import KbvqError
+    from kbvq_cli.errors import exit_status
     from kbvq_cli.plus_ablation import ARMS, DEFAULT_ARMS
     from kbvq_cli.tables import print_plus_table
 
@@ -31,13 +31,8 @@ def main() -> int:
     parser.add_argument("--no-run", action="store_true", help="only print what has been run")
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
-    try:
-        print_plus_table(args.testbed or ["testbed-mini"], args.arms, args.seeds, not args.no_run,
-                         Path(args.markdown) if args.markdown else None)
-    except KbvqError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: print_plus_table(args.testbed or ["testbed-mini"], args.arms, args.seeds,
+                                                not args.no_run, Path(args.markdown) if args.markdown else None))
 
 
 if __name__ == "__main__":

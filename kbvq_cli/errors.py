@@ -7,3 +7,16 @@ class KbvqError(Exception):
     The CLI prints `error: <message>` and exits with status 2. Raise it for anything a user can fix
     (unknown architecture, missing or unfinished stage, changed recipe, corrupt shard, bad option).
     """
+
+
+def exit_status(call) -> int:
+    """Run `call()` for a script's `main`: 0, or, on a KbvqError, its one line `error: ...` on stderr and 2 (what
+    the CLI does for its commands)."""
+    import sys
+
+    try:
+        call()
+    except KbvqError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kbvq_cli.errors import KbvqError
+from kbvq_cli.errors import exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,13 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from kbvq_cli.testbed.build import build_testbed
 
-    try:
-        build_testbed(Path(args.out), variant=args.variant, force=args.force,
-                      compare=Path(args.compare) if args.compare else None)
-    except KbvqError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: build_testbed(Path(args.out), variant=args.variant, force=args.force,
+                                             compare=Path(args.compare) if args.compare else None))
 
 
 if __name__ == "__main__":
