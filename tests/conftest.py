@@ -51,3 +51,18 @@ def testbed_mini() -> Path:
     if not (directory / "testbed.json").exists() and os.environ.get("CI") != "true":
         pytest.skip("build the mini test-bed first: make testbed-mini")
     return directory
+
+
+@pytest.fixture(scope="session")
+def testbed_mini_short(testbed_mini, tmp_path_factory) -> Path:
+    """The mini test-bed with its test split cut to its first tenth: the same model and calibration text,
+    for the tests that run whole recipes and check how results flow, not the perplexity itself (scoring
+    the whole split is about 6 s a recipe). Everything but `test.txt` is a link to the built test-bed."""
+    directory = tmp_path_factory.mktemp("testbed-short") / "testbed-mini"
+    directory.mkdir()
+    for path in testbed_mini.iterdir():
+        if path.name != "test.txt":
+            (directory / path.name).symlink_to(path)
+    lines = (testbed_mini / "test.txt").read_text().splitlines(keepends=True)
+    (directory / "test.txt").write_text("".join(lines[: max(1, len(lines) // 10)]))
+    return directory

@@ -6,9 +6,9 @@ import json
 from cli_util import invoke, run_cli
 
 
-def test_table_15_on_the_mini_test_bed(testbed_mini, tmp_path, monkeypatch):
+def test_table_15_on_the_mini_test_bed(testbed_mini_short, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "testbed-mini").symlink_to(testbed_mini)  # recipes name the test-bed relative to the working dir
+    (tmp_path / "testbed-mini").symlink_to(testbed_mini_short)  # recipes name the test-bed relative to the working dir
     invoke("table", "15", "--model", "testbed-mini", "--markdown", "t15.md")
     lines = [line for line in (tmp_path / "t15.md").read_text().splitlines() if line.startswith("|")]
     assert len(lines) == 2 + 4  # header, separator, idre-only, bcos-mean, bcos-var, kbvq

@@ -97,9 +97,9 @@ def test_the_installed_cli_runs_outside_the_repository(installed, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_installed_table_runs_a_shipped_recipe_on_the_mini_test_bed(installed, testbed_mini, tmp_path):
+def test_the_installed_table_runs_a_shipped_recipe_on_the_mini_test_bed(installed, testbed_mini_short, tmp_path):
     # The recipes name the test-bed and their run directories relative to the working directory.
-    (tmp_path / "testbed-mini").symlink_to(testbed_mini)
+    (tmp_path / "testbed-mini").symlink_to(testbed_mini_short)
     fp16 = installed / "kbvq_cli" / "recipes" / "testbed-mini" / "fp16.yaml"
     kbvq(installed, tmp_path, "run", "--recipe", str(fp16))
     (entry,) = json.loads((tmp_path / "runs/testbed-mini/fp16/eval/results.json").read_text())["entries"].values()
