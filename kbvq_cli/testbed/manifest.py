@@ -18,6 +18,7 @@ from typing import Any
 
 from kbvq_cli.hashing import hash_json, sha256_bytes, sha256_file
 from kbvq_cli.testbed.model import Variant
+from kbvq_cli.testbed.train import training_autocast
 
 MANIFEST_NAME = "testbed.json"
 FORMAT_VERSION = 1
@@ -45,6 +46,7 @@ def build_key(variant, threads: int) -> str:
         "format": FORMAT_VERSION,
         "variant": variant.to_json(),
         "threads": threads,
+        "autocast": training_autocast(),  # decided by the CPU, not the variant
         "code": code_sha256(getattr(variant, "code_modules", ())),
         "libraries": library_versions(),
     })
@@ -82,5 +84,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "training_autocast": training_autocast(),
         **library_versions(),
     }
