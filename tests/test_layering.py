@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI_LAYER = {"kbvq_cli.app", "kbvq_cli.pipeline", "kbvq_cli.tables", "kbvq_cli.__main__"}
+CLI_LAYER = {"kbvq_cli.app", "kbvq_cli.cli_errors", "kbvq_cli.pipeline", "kbvq_cli.tables", "kbvq_cli.__main__"}
 
 
 def module_name(path: Path) -> str:
