@@ -20,7 +20,7 @@ from kbvq_cli.stage_run import StageRun, require_model
 from kbvq_cli.streaming import pick_device
 from kbvq_cli.units import expert_ids, expert_unit
 from stages.calibrate.reader import Calibration
-from stages.klt_svd.reader import KltSvd, check_budget_code_size
+from stages.klt_svd.reader import KltSvd, budget_code_sizes, check_budget_code_size
 from stages.vq.backends import make_backend
 from stages.vq.batched import kmeans_batched
 from stages.vq.core import codebook_size, dequantize, to_subvectors, vq_quantize
@@ -47,6 +47,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     if stage.complete:
         return stage.skip()
     backend, layers = make_backend(settings.backend), klt.layers()
+    chosen = budget_code_sizes(resolved.run_dir) or {}  # a budget's code size per (layer, projection), if any
     all_experts = expert_ids(source.num_experts, bool(source.adapter.shared_experts))
     with progress_bar() as progress:
         task = progress.add_task("vq experts", total=len(layers) * len(all_experts))
@@ -64,7 +65,8 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
             size = lambda g: sum(experts.parameters(e) for e in g)  # noqa: E731  (the shared expert weighs more)
             for group in stage.mine(groups, lambda g: expert_unit(index, g[0]), size):  # under torchrun
                 progress.update(task, description=f"vq layer {index} expert {group[0]}")
-                for unit, meta in quantize_group(experts, parts, stats, index, group, settings, backend):
+                for unit, meta in quantize_group(experts, parts, stats, index, group, settings, backend,
+                                                 chosen.get(index)):
                     stage.dir.write_unit(expert_unit(index, meta.expert), unit.to_tensors(), meta.to_json())
                     progress.advance(task)
     return _finish(stage, settings, len(layers))
@@ -103,12 +105,15 @@ def _codes(residuals: list[torch.Tensor], settings: VqSettings, backend) -> list
     return [(result.codebook, result.indices) for result in results]
 
 
-def quantize_group(experts, parts, stats, layer: int, group: list, settings: VqSettings, backend
-                   ) -> list[tuple[VqExpertUnit, VqExpertMeta]]:
-    """Quantize the experts in `group` (one layer): their units and metadata with their relative errors."""
+def quantize_group(experts, parts, stats, layer: int, group: list, settings: VqSettings, backend,
+                   sizes: dict[str, tuple[int, int]] | None = None) -> list[tuple[VqExpertUnit, VqExpertMeta]]:
+    """Quantize the experts in `group` (one layer): their units and metadata with their relative errors.
+    `sizes` (a budget's): projection -> (bits, dim) in place of the settings' own."""
     codebooks, indices = {e: {} for e in group}, {e: {} for e in group}
     errors = {e: {"relative_error": {}, "output_error_before": {}, "output_error": {}} for e in group}
+    every = settings
     for projection in PROJECTIONS:
+        settings = replace(every, bits=sizes[projection][0], dim=sizes[projection][1]) if sizes else every
         weights = [experts.matrix(projection, expert) for expert in group]
         residuals = [parts.residual(projection, e, w) for e, w in zip(group, weights)]
         for expert, weight, residual, (codebook, codes) in zip(group, weights, residuals,
