@@ -40,8 +40,9 @@ class Arm:
 
 ROUTING_ALL = {"calibrate": {"routing": "all"}}
 PLUS = {"vq": {**PLUS_VQ, "refine_iters": PLUS_REFINE_ITERS}}
-# The code sizes a budget may choose besides vq's 2x4 (stages/klt_svd/budget.py weighs their codebooks).
-CODE_SIZES = {"code_sizes": ["2x2", "3x2", "4x2", "3x4"]}
+# The code sizes a budget may choose besides vq's 2x4 (stages/klt_svd/budget.py weighs their codebooks);
+# not 3x4: plus's codebook refinement does not take 4096-entry codebooks.
+CODE_SIZES = {"code_sizes": ["2x2", "3x2", "4x2"]}
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("kbvq-w2", "kbvq-w2"),

@@ -125,8 +125,20 @@ def layer_costs(shapes: dict, num_experts: int, settings, code: CodeSize,
     return LayerCosts(fixed + PADDING_BITS * matrices, weights, cost, counts, limits, code_cost, matrices // 3)
 
 
-def check_code_sizes_fit(shapes: dict, candidates: list[CodeSize], model: str) -> None:
-    """Refuse a code size whose vector length does not divide an expert matrix's input width."""
+def check_code_sizes_fit(shapes: dict, candidates: list[CodeSize], model: str, recipe=None) -> None:
+    """Refuse a code size whose vector length does not divide an expert matrix's input width, or that the
+    run's other vq settings do not allow (e.g. codebook refinement's size limit)."""
+    if recipe is not None:
+        from kbvq_cli.registry import STAGES
+        from kbvq_cli.settings import parse_settings
+
+        for size in candidates:
+            try:
+                parse_settings(STAGES["vq"].settings_class(), {**(recipe.stages.get("vq") or {}), "bits": size.bits,
+                                                               "dim": size.dim}, "vq settings")
+            except KbvqError as error:
+                raise KbvqError(f"klt-svd code_sizes {size.name} does not go with this run's vq settings: {error}; "
+                                f"drop it from code_sizes") from None
     for size in candidates:
         narrow = sorted({ic for (_, ic) in shapes.values() if ic % size.dim})
         if narrow:
@@ -318,7 +330,7 @@ def budget_plan(resolved, source, settings, moe_layers: int) -> BudgetPlan | Non
     code = CodeSize.of_recipe(resolved.recipe)
     shapes = expert_matrix_shapes(source)
     candidates = code.candidates(settings)
-    check_code_sizes_fit(shapes, candidates, source.name)
+    check_code_sizes_fit(shapes, candidates, source.name, resolved.recipe)
     costs = layer_costs(shapes, source.num_experts, settings, code, candidates)
     check_feasible(settings.target_bits, costs, moe_layers, code, source.name)
     return BudgetPlan(settings, code, costs, candidates)
