@@ -66,7 +66,8 @@ def _budget_paragraph(view: RunView) -> list[str]:
         f"by estimated output error removed per bit, each rank's estimate its share of the stacked energy. At "
         f"{code['bits']}-bit codes of length {code['dim']}{' with BCOS' if code['corrected'] else ''} the parts cost "
         f"{budget['rank0_bits_per_expert_weight']:.4f} bits per expert weight at rank 0 and "
-        f"{budget['estimated_bits_per_expert_weight']:.4f} with these ranks (formula, padding reserved); the shared "
+        f"{budget['estimated_bits_per_expert_weight']:.4f} with these ranks"
+        f"{' and the code sizes below' if budget.get('code_sizes') else ''} (formula, padding reserved); the shared "
         f"parts leave a mean relative tail energy of {budget['estimated_shared_part_error']:.4f}.") + _code_sizes_table(budget)
 
 

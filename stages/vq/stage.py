@@ -69,10 +69,10 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
                                                  chosen.get(index)):
                     stage.dir.write_unit(expert_unit(index, meta.expert), unit.to_tensors(), meta.to_json())
                     progress.advance(task)
-    return _finish(stage, settings, len(layers))
+    return _finish(stage, settings, len(layers), bool(chosen))
 
 
-def _finish(stage: StageRun, settings: VqSettings, layers: int) -> dict:
+def _finish(stage: StageRun, settings: VqSettings, layers: int, chosen: bool = False) -> dict:
     stage.gather()  # under torchrun: every rank's units
     metas = [VqExpertMeta.from_json(stage.dir.read_metadata(name)) for name in stage.dir.unit_names()]
     mean = lambda key: sum(v for m in metas for v in getattr(m, key).values()) / max(3 * len(metas), 1)  # noqa: E731
@@ -80,8 +80,9 @@ def _finish(stage: StageRun, settings: VqSettings, layers: int) -> dict:
                "mean_relative_output_error_shared_part_only": round(mean("output_error_before"), 6),
                "mean_relative_output_error": round(mean("output_error"), 6),
                "mean_relative_weight_error_of_residual": round(mean("relative_error"), 6)}
+    size = "the bit budget's code sizes" if chosen else f"{settings.bits} bits (d={settings.dim})"
     return stage.finish(summary, (
-        f"vq: {layers} layers, {len(metas)} experts in {stage.seconds:.1f}s at {settings.bits} bits (d={settings.dim}); "
+        f"vq: {layers} layers, {len(metas)} experts in {stage.seconds:.1f}s at {size}; "
         f"mean relative output error {summary['mean_relative_output_error_shared_part_only']:.4f} with the "
         f"shared part alone -> {summary['mean_relative_output_error']:.4f} with VQ"))
 
