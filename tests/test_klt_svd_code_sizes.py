@@ -116,6 +116,12 @@ def test_bad_code_sizes_are_refused_in_one_line_with_nothing_written(tiny_model_
         refused = invoke("klt-svd", "--run", run, *args, code=2)
         assert says in refused.output and len(refused.output.strip().splitlines()) == 1, refused.output
         assert not (run / "klt-svd").exists()
+    recipe = tmp_path / "refine.yaml"  # a size the run's other vq settings refuse (refinement's codebook limit)
+    recipe.write_text(f"model: {model}\nrun: {run}\nvq: {{refine_iters: 4}}\n"
+                      f"klt-svd: {{target_bits: 5, code_sizes: [\"2x2\", \"3x4\"]}}\n")
+    refused = invoke("klt-svd", "--recipe", recipe, code=2)
+    assert "code_sizes 3x4 does not go with this run's vq settings" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (run / "klt-svd").exists()
 
 
 def test_packs_without_code_sizes_keep_their_metadata():
