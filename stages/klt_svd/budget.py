@@ -222,8 +222,8 @@ def allocate_with_code_sizes(target_bits: float, costs: LayerCosts, spectra: dic
     choices = []
     for layer in sorted(factors):
         for projection in PROJECTIONS:
-            parts = tuple(RankChoice(f"{layer}.{part}", _gains(spectra.get(layer, {}).get(part, [])[: costs.limits[part]],
-                                                               costs.matrices[part]), costs.rank_cost[part])
+            rho = lambda part: spectra.get(layer, {}).get(part, [])[: costs.limits[part]]  # noqa: E731
+            parts = tuple(RankChoice(f"{layer}.{part}", _gains(rho(part), costs.matrices[part]), costs.rank_cost[part])
                           for part in projection_parts(projection, costs.limits))
             options = tuple(CodeOption(name, bits, factors[layer][projection][name])
                             for name, bits in costs.code_cost[projection].items())

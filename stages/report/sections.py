@@ -68,7 +68,8 @@ def _budget_paragraph(view: RunView) -> list[str]:
         f"{budget['rank0_bits_per_expert_weight']:.4f} bits per expert weight at rank 0 and "
         f"{budget['estimated_bits_per_expert_weight']:.4f} with these ranks"
         f"{' and the code sizes below' if budget.get('code_sizes') else ''} (formula, padding reserved); the shared "
-        f"parts leave a mean relative tail energy of {budget['estimated_shared_part_error']:.4f}.") + _code_sizes_table(budget)
+        f"parts leave a mean relative tail energy of {budget['estimated_shared_part_error']:.4f}."
+    ) + _code_sizes_table(budget)
 
 
 def _code_sizes_table(budget: dict) -> list[str]:
@@ -84,8 +85,8 @@ def _code_sizes_table(budget: dict) -> list[str]:
     rows = []
     for layer, sizes in budget["code_sizes"].items():
         factors = budget["code_error_factors"][layer]
-        rows.append([layer] + [f"**{sizes[p]}** (" + ", ".join(f"{name} {f:.3f}" for name, f in factors[p].items()) + ")"
-                               for p in ("gate", "up", "down")])
+        cell = lambda p: f"**{sizes[p]}** (" + ", ".join(f"{n} {f:.3f}" for n, f in factors[p].items()) + ")"  # noqa: E731
+        rows.append([layer] + [cell(p) for p in ("gate", "up", "down")])
     return lines + md.table(["layer", "gate", "up", "down"], rows)
 
 
