@@ -86,6 +86,9 @@ def klt_svd(
     energy: Annotated[Optional[float], typer.Option("--energy", help="Smallest rank with rho_k >= this fraction.")] = None,
     target_bits: Annotated[Optional[float], typer.Option("--target-bits", help="Ranks per layer and projection "
                            "for at most this many bits per expert weight (at the run's vq bits and dim).")] = None,
+    code_sizes: Annotated[Optional[str], typer.Option("--code-sizes", help="With --target-bits: VQ code sizes "
+                          "BITSxDIM, comma-separated (e.g. 2x2,3x2), the budget may give a layer's projection besides "
+                          "vq's own.")] = None,
     no_klt: Annotated[bool, typer.Option("--no-klt", help="SVD without KLT (ablation).")] = False,
     damp: Annotated[Optional[float], typer.Option("--damp", help="KLT damping lambda (default 0.01).")] = None,
     down: Annotated[Optional[str], typer.Option("--down", help="down projection: pooled, output or off.")] = None,
@@ -95,7 +98,7 @@ def klt_svd(
 ) -> None:
     """IDRE: KLT-guided SVD of each layer's stacked experts into a shared basis and per-expert coefficients."""
     overrides = dict(rank_ratio=rank_ratio, rank=rank, energy=energy, target_bits=target_bits,
-                     klt=False if no_klt else None,
+                     code_sizes=code_sizes, klt=False if no_klt else None,
                      damp=damp, down=down, device=device)
     run_stage("klt-svd", run=run, recipe=recipe, restart=restart,
               allow_thread_change=allow_thread_change, overrides=overrides)

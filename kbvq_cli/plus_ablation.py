@@ -7,7 +7,9 @@ arm's settings laid over it and the k-means seed set; its run is `runs/TESTBED/p
 arm has no seed: `-s0` for all), so a second call resumes or only reads. Arms that change calibrate
 (`routing: all`) get their own shared calibration, `runs/TESTBED/calibration-ARMPART`; the rest share
 `runs/TESTBED/calibration`. A `budget` arm sets `klt-svd: {target_bits: B}` with B the measured bits per
-expert weight of the same test-bed's `kbvq-w2` run, so its bits equal the paper recipe's (at or below).
+expert weight of the same test-bed's `kbvq-w2` run, so its bits equal the paper recipe's (at or below);
+its `budget_settings` then go over klt-svd (the code-size arms: `code_sizes`, and `rank: 0` for BCOS-only
+at those bits).
 
 Library module: the recipes and the table; running them is the caller's (`kbvq_cli.tables`). No torch.
 """
@@ -33,10 +35,14 @@ class Arm:
     budget: bool = False  # klt-svd target_bits = the kbvq-w2 arm's measured bits
     seeded: bool = True  # k-means seeds matter (not for gptq)
     calibration: str = ""  # suffix of its own calibration directory ("" = the shared one)
+    budget_settings: dict = field(default_factory=dict)  # klt-svd settings laid over a budget arm's target_bits
 
 
 ROUTING_ALL = {"calibrate": {"routing": "all"}}
 PLUS = {"vq": {**PLUS_VQ, "refine_iters": PLUS_REFINE_ITERS}}
+# The code sizes a budget may choose besides vq's 2x4 (stages/klt_svd/budget.py weighs their codebooks);
+# not 3x4: plus's codebook refinement does not take 4096-entry codebooks.
+CODE_SIZES = {"code_sizes": ["2x2", "3x2", "4x2"]}
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("kbvq-w2", "kbvq-w2"),
@@ -56,6 +62,10 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("plus+routing-all", "kbvq-w2-plus", ROUTING_ALL, calibration="routing-all"),
     Arm("plus+budget", "kbvq-w2-plus", budget=True),
     Arm("bcos-only+plus", "kbvq-w2", {"klt-svd": {"rank": 0}, **PLUS}),
+    # a budget that chooses code sizes too, and BCOS-only at the paper recipe's bits (IDRE against no IDRE)
+    Arm("codebits", "kbvq-w2", budget=True, budget_settings=CODE_SIZES),
+    Arm("bcos-only-eqbits", "kbvq-w2", budget=True, budget_settings={"rank": 0, **CODE_SIZES}),
+    Arm("plus+codebits", "kbvq-w2-plus", budget=True, budget_settings=CODE_SIZES),
 )}
 DEFAULT_ARMS = ("kbvq-w2", "bcos-only", "gptq-w2g128", "kbvq-w2-plus", "routing-all", "output", "refine", "ef",
                 "budget")
@@ -107,7 +117,7 @@ def arm_recipe(recipes: Path, testbed: str, arm: str, seed: int, target_bits: fl
     if spec.budget:
         klt = {key: value for key, value in recipe.get("klt-svd", {}).items()
                if key not in ("rank", "rank_ratio", "energy")}
-        recipe["klt-svd"] = {**klt, "target_bits": target_bits}
+        recipe["klt-svd"] = {**klt, "target_bits": target_bits, **spec.budget_settings}
     if spec.seeded and recipe.get("method", "kbvq") == "kbvq":
         recipe["vq"] = {**recipe.get("vq", {}), "seed": seed}
     path = Path(f"runs/{testbed}/plus/{name}.yaml")

@@ -27,6 +27,10 @@ def test_arms_lay_their_settings_over_the_family_recipe(fake_testbed):
     assert paper["calibration"] == "runs/tb/calibration" and paper["klt-svd"] == {"rank": 4}
     budget = yaml.safe_load(arm_recipe(recipes_dir(), fake_testbed, "budget", 1, target_bits=4.87).read_text())
     assert budget["klt-svd"] == {"target_bits": 4.87}  # in place of the recipe's rank, at the paper's bits
+    eqbits = yaml.safe_load(arm_recipe(recipes_dir(), fake_testbed, "bcos-only-eqbits", 1, target_bits=4.87)
+                            .read_text())
+    assert eqbits["klt-svd"]["rank"] == 0 and eqbits["klt-svd"]["target_bits"] == 4.87
+    assert "2x2" in eqbits["klt-svd"]["code_sizes"] and eqbits["run"] == "runs/tb/plus/bcos-only-eqbits-s1"
     routing = yaml.safe_load(arm_recipe(recipes_dir(), fake_testbed, "plus+routing-all", 2).read_text())
     assert routing["calibration"] == "runs/tb/calibration-routing-all" and routing["calibrate"]["routing"] == "all"
     assert routing["vq"]["refine_iters"] == 4 and routing["vq"]["seed"] == 2

@@ -75,16 +75,16 @@ def _install_experts(layer, adapter, meta: PackedUnitMeta, specs: dict) -> None:
         shared = {p: build(shared_of(p), f"shared.{p}", False) for p in PROJECTIONS} if meta.shared_path else {}
         experts_class = ScalarExperts
     else:
-        width = meta.index_width
-        routed = {p: _vq_projection(specs, routed_of(p), meta.shapes[p], width, _side(meta, p), True)
-                  for p in PROJECTIONS}
+        routed = {p: _vq_projection(specs, routed_of(p), meta.shapes[p], meta.projection_width(p), _side(meta, p),
+                                    True) for p in PROJECTIONS}
         shared = {}
         for p in PROJECTIONS if meta.shared_path else ():
             stacked = meta.shared_stacked.get(p, False)
             # A stacked shared expert's coefficients are against the routed basis, stored once, under routed.
             borrowed = (lambda owner=routed[p]: owner.shared_basis) if stacked else None
             side = _side(meta, p) if stacked else _side(meta, f"shared.{p}")
-            shared[p] = _vq_projection(specs, shared_of(p), meta.shapes[f"shared.{p}"], width, side, False, borrowed)
+            shared[p] = _vq_projection(specs, shared_of(p), meta.shapes[f"shared.{p}"], meta.projection_width(p),
+                                       side, False, borrowed)
         experts_class = VqExperts
     num_experts = routed["gate"].part("codebook" if meta.format != SCALAR else "qscale").shape[0]
     _replace(layer, adapter.experts, experts_class(routed["gate"], routed["up"], routed["down"], original.act_fn,

@@ -46,6 +46,7 @@ class FormulaGroup:
     rank: int
     with_basis: bool = True  # False: coefficients against another group's shared basis
     side: str = "input"  # which side of the matrices the basis is shared on (klt-svd's part metadata)
+    projection: str = ""  # gate, up or down: whose code size the group's matrices take
 
 
 def formula_groups(shapes: dict, parts: dict, num_experts: int, has_shared: bool,
@@ -57,14 +58,15 @@ def formula_groups(shapes: dict, parts: dict, num_experts: int, has_shared: bool
     groups = []
     for projection in ("gate", "up", "down"):
         oc, ic = shapes[projection]
-        groups.append(FormulaGroup(num_experts, oc, ic, rank(projection), side=side(projection)))
+        groups.append(FormulaGroup(num_experts, oc, ic, rank(projection), side=side(projection), projection=projection))
         if has_shared:
             # A stacked shared expert (gate/up) shares the routed basis: docs/method.md §5 with n = E + 1
             # when its size equals the routed experts'; otherwise it adds only its own coefficients.
             soc, sic = shapes[f"shared.{projection}"]
             if shared_stacked.get(projection, False):
-                groups.append(FormulaGroup(1, soc, sic, rank(projection), with_basis=False, side=side(projection)))
+                groups.append(FormulaGroup(1, soc, sic, rank(projection), with_basis=False, side=side(projection),
+                                           projection=projection))
             else:
                 name = f"shared.{projection}"
-                groups.append(FormulaGroup(1, soc, sic, rank(name), side=side(name)))
+                groups.append(FormulaGroup(1, soc, sic, rank(name), side=side(name), projection=projection))
     return groups

@@ -21,7 +21,9 @@ def _method(quantization: dict) -> str:
     return (f"KBVQ-MoE vector quantization: {quantization['bits']} bits per weight, vectors of "
             f"{quantization['vector_length']} ({quantization['codebook_size']}-entry codebooks, "
             f"{quantization['index_bits']}-bit indices), shared basis {quantization.get('rank')}, "
-            f"KLT {quantization.get('klt')}, BCOS {quantization.get('bcos')}")
+            f"KLT {quantization.get('klt')}, BCOS {quantization.get('bcos')}"
+            + ("; a bit budget chose other code sizes for some layers' projections (`code_sizes`)"
+               if quantization.get("code_sizes") else ""))
 
 
 def _size_lines(storage: dict) -> list[str]:

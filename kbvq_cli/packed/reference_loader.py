@@ -78,8 +78,9 @@ def layer_projections(tensors: dict, meta: PackedUnitMeta, adapter, index: int, 
             p: build(shared_prefix(adapter.layers_prefix, shared_path, index, p), f"shared.{p}") for p in PROJECTIONS}
         return routed, shared
 
-    width, routed, shared = meta.index_width, {}, {}
+    routed, shared = {}, {}
     for projection in PROJECTIONS:
+        width = meta.projection_width(projection)
         prefix = routed_prefix(adapter.layers_prefix, adapter.experts, index, projection)
         side = _side(meta, projection)
         routed[projection] = build_projection(tensors, prefix, meta.shapes[projection], side, width, dtype)

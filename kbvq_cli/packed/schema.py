@@ -4,6 +4,8 @@ export and `kbvq report`. The tensor names of a unit are in `kbvq_cli.packed.lay
 A unit is a decoder layer (`layer_NNN`) or `model_rest`. A quantized MoE layer is in one of two formats:
 - `vq`: KBVQ or plain VQ codes (`bits`, `dim`), the decomposed parts' side and rank, whether the shared
   expert's gate/up were stacked with the routed experts (`shared_stacked`), whether BCOS corrects it;
+  `code_sizes` (projection -> [bits, dim]) where a bit budget gave the projections other code sizes
+  than `bits`, `dim` (absent otherwise, and in packs made before it existed: every projection at those);
 - `scalar`: RTN/GPTQ integer codes (`bits`, `group_size`).
 `nonexpert` lists the layer's non-expert linears quantized by `kbvq nonexpert`.
 """
@@ -45,11 +47,24 @@ class PackedUnitMeta:
     corrected: bool = False  # vq: BCOS scale and shift present
     nonexpert: dict[str, PackedLinear] = field(default_factory=dict)
     storage: dict = field(default_factory=dict)  # kbvq_cli.packed.storage.unit_storage
+    code_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # vq: projection -> (bits, dim)
 
     @property
     def index_width(self) -> int:
-        """Bits per stored code: `b d` for VQ indices, `b` for RTN/GPTQ codes."""
+        """Bits per stored code: `b d` for VQ indices, `b` for RTN/GPTQ codes (the layer's own, see
+        `projection_width` for a projection's)."""
         return self.bits * self.dim if self.format == VQ else self.bits
+
+    def code_size(self, projection: str) -> tuple[int, int]:
+        """(bits, dim) of a VQ projection (`gate`, `up`, `down`; a shared expert's take the same)."""
+        return self.code_sizes.get(projection, (self.bits, self.dim))
+
+    def projection_width(self, projection: str) -> int:
+        """Bits per stored code of one projection's matrices."""
+        if self.format != VQ:
+            return self.bits
+        bits, dim = self.code_size(projection)
+        return bits * dim
 
     def to_json(self) -> dict:
         data: dict = {"storage": self.storage}
@@ -62,6 +77,8 @@ class PackedUnitMeta:
             if self.format == VQ:
                 data.update(dim=self.dim, corrected=self.corrected, shared_stacked=self.shared_stacked,
                             parts={k: {"side": p.side, "rank": p.rank} for k, p in self.parts.items()})
+                if self.code_sizes:
+                    data["code_sizes"] = {k: list(v) for k, v in self.code_sizes.items()}
             else:
                 data["group_size"] = self.group_size
         if self.nonexpert:
@@ -80,4 +97,5 @@ class PackedUnitMeta:
                    corrected=bool(data.get("corrected")),
                    nonexpert={path: PackedLinear(tuple(m["shape"]), int(m["bits"]), int(m["group_size"]))
                               for path, m in data.get("nonexpert", {}).items()},
-                   storage=dict(data.get("storage", {})))
+                   storage=dict(data.get("storage", {})),
+                   code_sizes={k: (int(v[0]), int(v[1])) for k, v in data.get("code_sizes", {}).items()})

@@ -2,7 +2,8 @@
 Appendix A.5) and the bytes per part measured from the tensors written. `kbvq pack` and `kbvq report`
 both count with these functions.
 
-Per layer and projection, `n` experts of `oc x ic`, shared rank `k`, `b` bits, vector length `d`:
+Per layer and projection, `n` experts of `oc x ic`, shared rank `k`, `b` bits, vector length `d` (the
+projection's own where a bit budget chose code sizes per projection, `PackedUnitMeta.code_size`):
     bits = 16 k (ic + n oc)            shared basis + expert coefficients (16-bit)
          + n oc ic b                   indices (b*d bits per d weights)
          + n 2^(b d) d 16              codebooks (16-bit)
@@ -94,7 +95,8 @@ def unit_storage(tensors: dict, meta: PackedUnitMeta) -> dict:
         return storage
     parts_meta = {name: {"side": part.side, "rank": part.rank} for name, part in meta.parts.items()}
     for group in formula_groups(meta.shapes, parts_meta, experts, meta.shared_path is not None, meta.shared_stacked):
-        counted = projection_bits(group.n, group.oc, group.ic, group.rank, meta.bits, meta.dim,
+        bits, dim = meta.code_size(group.projection)
+        counted = projection_bits(group.n, group.oc, group.ic, group.rank, bits, dim,
                                   corrected=meta.corrected, with_basis=group.with_basis, side=group.side)
         storage["expert_weights"] += counted.weights
         storage["formula_bits"] += counted.total

@@ -69,6 +69,25 @@ def check_budget_code_size(run_dir: Path, stage: str, bits: int | None = None, d
                         f"settings: {listed}; use the budget's, or redo klt-svd under these (`kbvq klt-svd --restart`)")
 
 
+def budget_code_sizes(run_dir: Path) -> dict[int, dict[str, tuple[int, int]]] | None:
+    """layer -> projection -> (bits, dim) that a budget with code sizes chose (klt-svd's manifest
+    `state.budget.code_sizes`), or None: every matrix at vq's own settings."""
+    from kbvq_cli.stage_dir import MANIFEST, read_manifest
+
+    if not (Path(run_dir) / STAGE / MANIFEST).exists():
+        return None
+    sizes = (read_manifest(Path(run_dir) / STAGE).get("state", {}).get("budget") or {}).get("code_sizes")
+    if not sizes:
+        return None
+    return {int(layer): {projection: _bits_dim(name) for projection, name in found.items()}
+            for layer, found in sizes.items()}
+
+
+def _bits_dim(name: str) -> tuple[int, int]:
+    bits, _, dim = name.partition("x")
+    return int(bits), int(dim)
+
+
 def read_layer_meta(stage_dir: StageDir, index: int) -> KltLayerMeta:
     return KltLayerMeta.from_json(stage_dir.read_metadata(layer_unit(index)))
 

@@ -35,7 +35,7 @@ from kbvq_cli.stage_dir import StageDir, read_manifest
 from stages.bcos.reader import BcosCorrections
 from stages.eval.reader import run_card_rows
 from stages.gptq.reader import GptqCodes
-from stages.klt_svd.reader import KltSvd
+from stages.klt_svd.reader import KltSvd, budget_code_sizes
 from stages.nonexpert.reader import NonExpertCodes
 from stages.pack.config import PackSettings
 from stages.vq.reader import VqCodes
@@ -90,15 +90,17 @@ class VqPacker:
 
     def pack_layer(self, source: ModelSource, state: dict, index: int) -> tuple[dict, PackedUnitMeta]:
         """The quantized expert tensors of one MoE layer (names in kbvq_cli.packed.layout) and their metadata."""
-        adapter, width = source.adapter, self.codes.bits * self.codes.dim
+        adapter = source.adapter
         parts = self.klt.layer(index)
         corrections = self.bcos.layer(index) if self.bcos.corrects else None
         shared_path = _shared_path(source, state)
         units = {e: self.codes.expert(index, e) for e in range(source.num_experts)}
+        sizes = {projection: units[0].code_size(projection) for projection in PROJECTIONS}
+        width = {projection: bits * dim for projection, (bits, dim) in sizes.items()}
         tensors = {}
         for projection in PROJECTIONS:
             prefix = routed_prefix(adapter.layers_prefix, adapter.experts, index, projection)
-            tensors[prefix + "indices"] = torch.stack([pack_indices(units[e].indices[projection], width)
+            tensors[prefix + "indices"] = torch.stack([pack_indices(units[e].indices[projection], width[projection])
                                                        for e in sorted(units)])
             tensors[prefix + "codebook"] = torch.stack([units[e].codebooks[projection] for e in sorted(units)])
             if corrections is not None:
@@ -108,20 +110,24 @@ class VqPacker:
                 tensors[prefix + "shared_basis"] = parts.basis(projection)
                 tensors[prefix + "expert_coeffs"] = parts.coeffs(projection)
         stacked = self._pack_shared(adapter, index, shared_path, parts, corrections, width, tensors)
+        # per-projection sizes only where a budget chose others: a pack at vq's own size is as before
+        mixed = any(size != (self.codes.bits, self.codes.dim) for size in sizes.values())
         meta = PackedUnitMeta(layer=index, moe=True, format=VQ, bits=self.codes.bits, dim=self.codes.dim,
                               shapes=_shapes(source, state, shared_path),
                               parts={name: PackedPart(p.side, p.rank) for name, p in parts.parts.items()},
-                              shared_path=shared_path, shared_stacked=stacked, corrected=corrections is not None)
+                              shared_path=shared_path, shared_stacked=stacked, corrected=corrections is not None,
+                              code_sizes=sizes if mixed else {})
         return tensors, meta
 
     def _pack_shared(self, adapter, index, shared_path, parts, corrections, width, tensors) -> dict[str, bool]:
-        """The shared expert's tensors, without the expert dim; which projections were stacked."""
+        """The shared expert's tensors, without the expert dim (`width`: bits per code per projection);
+        which projections were stacked."""
         if shared_path is None:
             return {}
         unit, stacked = self.codes.expert(index, SHARED), {}
         for projection in PROJECTIONS:
             prefix = shared_prefix(adapter.layers_prefix, shared_path, index, projection)
-            tensors[prefix + "indices"] = pack_indices(unit.indices[projection], width)
+            tensors[prefix + "indices"] = pack_indices(unit.indices[projection], width[projection])
             tensors[prefix + "codebook"] = unit.codebooks[projection]
             if corrections is not None:
                 tensors[prefix + "scale"] = corrections.shared[projection].scale
@@ -143,7 +149,13 @@ class VqPacker:
                 "rank": {key: klt_config.get(key) for key in ("rank_ratio", "rank", "energy")},
                 "klt": klt_config.get("klt"), "down": klt_config.get("down"), "bcos": self.bcos.mode,
                 "modules": [source.adapter.experts, *source.adapter.shared_experts], "layers": self.layers,
-                "store_dtype": "float16"}
+                "store_dtype": "float16", **self._chosen_code_sizes()}
+
+    def _chosen_code_sizes(self) -> dict:
+        """A bit budget's code sizes per layer and projection (each shard's metadata holds its own)."""
+        chosen = budget_code_sizes(self.klt.stage_dir.path.parent)
+        return {"code_sizes": {str(layer): {p: f"{b}x{d}" for p, (b, d) in found.items()}
+                               for layer, found in chosen.items()}} if chosen else {}
 
 
 def scalar_parts(q: QuantizedLinear, bits: int) -> dict[str, torch.Tensor]:

@@ -66,8 +66,28 @@ def _budget_paragraph(view: RunView) -> list[str]:
         f"by estimated output error removed per bit, each rank's estimate its share of the stacked energy. At "
         f"{code['bits']}-bit codes of length {code['dim']}{' with BCOS' if code['corrected'] else ''} the parts cost "
         f"{budget['rank0_bits_per_expert_weight']:.4f} bits per expert weight at rank 0 and "
-        f"{budget['estimated_bits_per_expert_weight']:.4f} with these ranks (formula, padding reserved); the shared "
-        f"parts leave a mean relative tail energy of {budget['estimated_shared_part_error']:.4f}.")
+        f"{budget['estimated_bits_per_expert_weight']:.4f} with these ranks"
+        f"{' and the code sizes below' if budget.get('code_sizes') else ''} (formula, padding reserved); the shared "
+        f"parts leave a mean relative tail energy of {budget['estimated_shared_part_error']:.4f}."
+    ) + _code_sizes_table(budget)
+
+
+def _code_sizes_table(budget: dict) -> list[str]:
+    """The code size a budget with `code_sizes` chose per layer and projection, with the measured factors."""
+    if not budget.get("code_sizes"):
+        return []
+    lines = md.paragraph(
+        f"Code sizes were chosen too (bits x vector length, per layer and projection, for its routed and shared "
+        f"matrices alike), by the estimated error after VQ: each projection's tail times its code size's measured "
+        f"factor (in brackets: the relative output error k-means at that size leaves of the layer's first expert, "
+        f"kbvq_cli/code_probe.py). Estimated mean relative output error after VQ: "
+        f"{budget['estimated_error_after_vq']:.4f}.")
+    rows = []
+    for layer, sizes in budget["code_sizes"].items():
+        factors = budget["code_error_factors"][layer]
+        cell = lambda p: f"**{sizes[p]}** (" + ", ".join(f"{n} {f:.3f}" for n, f in factors[p].items()) + ")"  # noqa: E731
+        rows.append([layer] + [cell(p) for p in ("gate", "up", "down")])
+    return lines + md.table(["layer", "gate", "up", "down"], rows)
 
 
 def layer_similarity(view: RunView, index: int, projection: str) -> tuple[np.ndarray, np.ndarray]:

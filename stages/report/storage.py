@@ -82,14 +82,23 @@ def _klt_bytes(view: RunView) -> dict[str, int]:
     return found
 
 
-def _vq_bytes(view: RunView, bits: int, dim: int) -> dict[str, int]:
+def _code_size(header: dict, projection: str) -> tuple[int, int]:
+    """(bits per code b d, vector length d) of one projection of a vq unit, from its codebook [2^(b d), d]
+    (the settings' size, or the one a bit budget chose for the layer's projection)."""
+    codewords, dim = header[f"{projection}.codebook"].shape
+    return int(codewords).bit_length() - 1, int(dim)
+
+
+def _vq_bytes(view: RunView) -> dict[str, int]:
     """Packed index bytes, codebook bytes and quantized weights over every vq unit; routed experts' share."""
     found = {"indices": 0, "codebooks": 0, "weights": 0, "routed": 0, "routed_weights": 0}
     stage_dir = view.stage("vq")
     for unit in stage_dir.unit_names():
         routed = not _is_shared_expert(unit, "")
-        for key, info in unit_header(stage_dir, unit).items():
-            size = packed_size(info.numel, bits * dim) if key.endswith(".indices") else info.nbytes
+        header = unit_header(stage_dir, unit)
+        for key, info in header.items():
+            width, dim = _code_size(header, key.split(".")[0])
+            size = packed_size(info.numel, width) if key.endswith(".indices") else info.nbytes
             part = "indices" if key.endswith(".indices") else "codebooks"
             found[part] += size
             found["routed"] += size if routed else 0
@@ -114,7 +123,7 @@ def _bcos_bytes(view: RunView) -> dict[str, int]:
     return found
 
 
-def formula_bits(view: RunView, bits: int, dim: int) -> tuple[int, int]:
+def formula_bits(view: RunView) -> tuple[int, int]:
     """(bits, weights) of docs/method.md §5 summed over MoE layers and projections of the routed experts.
 
     `n` = routed experts, `oc x ic` from expert 0's vq indices, `k` = the rank klt-svd chose (0 where a
@@ -128,9 +137,10 @@ def formula_bits(view: RunView, bits: int, dim: int) -> tuple[int, int]:
         shapes = unit_header(vq_dir, f"{layer_unit(index)}.expert_000")
         for projection in PROJECTIONS:
             oc, columns = shapes[f"{projection}.indices"].shape
+            width, dim = _code_size(shapes, projection)
             ic, part = columns * dim, parts.get(projection, {})
             rank = int(part.get("rank", 0))
-            counted = projection_bits(experts, oc, ic, rank, bits, dim, side=part.get("side", "input"))
+            counted = projection_bits(experts, oc, ic, rank, width // dim, dim, side=part.get("side", "input"))
             total_bits += counted.total
             total_weights += counted.weights
     return total_bits, total_weights
@@ -138,15 +148,14 @@ def formula_bits(view: RunView, bits: int, dim: int) -> tuple[int, int]:
 
 def storage_from_shards(view: RunView) -> Storage:
     """Storage counted from the shapes in the klt-svd, vq and bcos shards and the model's headers."""
-    bits, dim = view.vq_setting("bits"), view.vq_setting("dim")
-    klt, vq, bcos = _klt_bytes(view), _vq_bytes(view, bits, dim), _bcos_bytes(view)
+    klt, vq, bcos = _klt_bytes(view), _vq_bytes(view), _bcos_bytes(view)
     model_weights = view.model_parameters()
     parts = {"shared_basis": klt["shared_basis"], "expert_coeffs": klt["expert_coeffs"], "indices": vq["indices"],
              "codebooks": vq["codebooks"], "scale_shift": bcos["scale_shift"],
              "unquantized": 2 * (model_weights - vq["weights"])}
     quantized_bytes = sum(parts.values()) - parts["unquantized"]
     routed_bytes = klt["routed"] + vq["routed"] + bcos["routed"]
-    formula_total, formula_weights = formula_bits(view, bits, dim)
+    formula_total, formula_weights = formula_bits(view)
     return Storage(parts=parts, expert_weights=vq["weights"], model_weights=model_weights,
                    bits_per_expert_weight=8 * quantized_bytes / vq["weights"],
                    bits_per_weight=8 * sum(parts.values()) / model_weights,

@@ -3,7 +3,8 @@
 The unit schema, defined here and used by the stage that writes it and by every reader: one unit per
 expert (`kbvq_cli.units.expert_unit`), holding per projection `P` (gate, up, down) `P.codebook`
 [K, d] float16 (the stored, final values) and `P.indices` [oc, ic/d] int16; its metadata (`VqExpertMeta`)
-records the relative errors per projection.
+records the relative errors per projection. K = 2^(b d) and d are the projection's own: vq's settings, or
+the code size a bit budget chose for the (layer, projection) (`VqExpertUnit.code_size`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class VqExpertUnit:
         # int16 wraps codes >= 2^15 to negatives: read back as the unsigned values they are.
         return cls({p: tensors[f"{p}.codebook"] for p in PROJECTIONS},
                    {p: tensors[f"{p}.indices"].to(torch.int64) & 0xFFFF for p in PROJECTIONS})
+
+    def code_size(self, projection: str) -> tuple[int, int]:
+        """(bits, dim) of one projection's codes, from its codebook [2^(bits dim), dim] (a bit budget may
+        give the projections different sizes: stages/klt_svd/budget.py)."""
+        codewords, dim = self.codebooks[projection].shape
+        return (codewords.bit_length() - 1) // dim, dim
 
     def matrix(self, projection: str, parts: SharedParts, expert, shape: tuple[int, int]) -> torch.Tensor:
         """`W_share + dequant(indices, codebook)` [oc, ic] float32 of one projection."""

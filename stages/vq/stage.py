@@ -20,7 +20,7 @@ from kbvq_cli.stage_run import StageRun, require_model
 from kbvq_cli.streaming import pick_device
 from kbvq_cli.units import expert_ids, expert_unit
 from stages.calibrate.reader import Calibration
-from stages.klt_svd.reader import KltSvd, check_budget_code_size
+from stages.klt_svd.reader import KltSvd, budget_code_sizes, check_budget_code_size
 from stages.vq.backends import make_backend
 from stages.vq.batched import kmeans_batched
 from stages.vq.core import codebook_size, dequantize, to_subvectors, vq_quantize
@@ -47,6 +47,7 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
     if stage.complete:
         return stage.skip()
     backend, layers = make_backend(settings.backend), klt.layers()
+    chosen = budget_code_sizes(resolved.run_dir) or {}  # a budget's code size per (layer, projection), if any
     all_experts = expert_ids(source.num_experts, bool(source.adapter.shared_experts))
     with progress_bar() as progress:
         task = progress.add_task("vq experts", total=len(layers) * len(all_experts))
@@ -64,13 +65,14 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
             size = lambda g: sum(experts.parameters(e) for e in g)  # noqa: E731  (the shared expert weighs more)
             for group in stage.mine(groups, lambda g: expert_unit(index, g[0]), size):  # under torchrun
                 progress.update(task, description=f"vq layer {index} expert {group[0]}")
-                for unit, meta in quantize_group(experts, parts, stats, index, group, settings, backend):
+                for unit, meta in quantize_group(experts, parts, stats, index, group, settings, backend,
+                                                 chosen.get(index)):
                     stage.dir.write_unit(expert_unit(index, meta.expert), unit.to_tensors(), meta.to_json())
                     progress.advance(task)
-    return _finish(stage, settings, len(layers))
+    return _finish(stage, settings, len(layers), bool(chosen))
 
 
-def _finish(stage: StageRun, settings: VqSettings, layers: int) -> dict:
+def _finish(stage: StageRun, settings: VqSettings, layers: int, chosen: bool = False) -> dict:
     stage.gather()  # under torchrun: every rank's units
     metas = [VqExpertMeta.from_json(stage.dir.read_metadata(name)) for name in stage.dir.unit_names()]
     mean = lambda key: sum(v for m in metas for v in getattr(m, key).values()) / max(3 * len(metas), 1)  # noqa: E731
@@ -78,8 +80,9 @@ def _finish(stage: StageRun, settings: VqSettings, layers: int) -> dict:
                "mean_relative_output_error_shared_part_only": round(mean("output_error_before"), 6),
                "mean_relative_output_error": round(mean("output_error"), 6),
                "mean_relative_weight_error_of_residual": round(mean("relative_error"), 6)}
+    size = "the bit budget's code sizes" if chosen else f"{settings.bits} bits (d={settings.dim})"
     return stage.finish(summary, (
-        f"vq: {layers} layers, {len(metas)} experts in {stage.seconds:.1f}s at {settings.bits} bits (d={settings.dim}); "
+        f"vq: {layers} layers, {len(metas)} experts in {stage.seconds:.1f}s at {size}; "
         f"mean relative output error {summary['mean_relative_output_error_shared_part_only']:.4f} with the "
         f"shared part alone -> {summary['mean_relative_output_error']:.4f} with VQ"))
 
@@ -103,12 +106,15 @@ def _codes(residuals: list[torch.Tensor], settings: VqSettings, backend) -> list
     return [(result.codebook, result.indices) for result in results]
 
 
-def quantize_group(experts, parts, stats, layer: int, group: list, settings: VqSettings, backend
-                   ) -> list[tuple[VqExpertUnit, VqExpertMeta]]:
-    """Quantize the experts in `group` (one layer): their units and metadata with their relative errors."""
+def quantize_group(experts, parts, stats, layer: int, group: list, settings: VqSettings, backend,
+                   sizes: dict[str, tuple[int, int]] | None = None) -> list[tuple[VqExpertUnit, VqExpertMeta]]:
+    """Quantize the experts in `group` (one layer): their units and metadata with their relative errors.
+    `sizes` (a budget's): projection -> (bits, dim) in place of the settings' own."""
     codebooks, indices = {e: {} for e in group}, {e: {} for e in group}
     errors = {e: {"relative_error": {}, "output_error_before": {}, "output_error": {}} for e in group}
+    every = settings
     for projection in PROJECTIONS:
+        settings = replace(every, bits=sizes[projection][0], dim=sizes[projection][1]) if sizes else every
         weights = [experts.matrix(projection, expert) for expert in group]
         residuals = [parts.residual(projection, e, w) for e, w in zip(group, weights)]
         for expert, weight, residual, (codebook, codes) in zip(group, weights, residuals,
