@@ -90,3 +90,18 @@ def test_one_quantized_matrix_is_alive_at_a_time(run):
     correct_layer(experts, quantized, Calibration(run).layer(index), index, BcosSettings())
     assert len(alive_at_each_call) == 3 * len(experts.expert_ids())
     assert max(alive_at_each_call) == 0
+
+
+def test_the_blockwise_covariance_is_the_whole_matrix_formula_bit_for_bit():
+    """`input_moments` builds the covariance a block of rows at a time (1030 wide: two blocks, the second
+    partial), in float64 or straight into float32: the whole-matrix formula's values, and that cast."""
+    from kbvq_cli.moments import input_moments
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 1030, generator=generator, dtype=torch.float64) + 0.5
+    sum_xxT = x.T @ x + 1e-9 * torch.randn(1030, 1030, generator=generator, dtype=torch.float64)  # not symmetric
+    mean, second = x.sum(0) / 300, sum_xxT / 300
+    expected = (second + second.T) / 2 - torch.outer(mean, mean)
+    assert torch.equal(input_moments(x.sum(0), sum_xxT, 300).covariance, expected)
+    in_float32 = input_moments(x.sum(0), sum_xxT, 300, torch.float32).covariance
+    assert in_float32.dtype == torch.float32 and torch.equal(in_float32, expected.float())
