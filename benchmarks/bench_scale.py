@@ -11,8 +11,10 @@ expert weight beside the docs/method.md §5 formula, and a projection of a whole
 one A6000 (benchmarks/scale_projection.py states its assumptions).
 
     python benchmarks/bench_scale.py [--models qwen15-moe,mixtral-8x7b] [--stages calibrate] [--work DIR] [--fresh]
+    python benchmarks/bench_scale.py --models mixtral-8x7b --stages bcos --reuse
 
-Runs are redone each time (`--fresh` also rebuilds the checkpoints). Not part of CI.
+Runs are redone each time (`--fresh` also rebuilds the checkpoints), unless `--reuse` keeps the cached
+run's stages before the first of `--stages`. Not part of CI.
 """
 
 from __future__ import annotations
@@ -89,7 +91,10 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def bench_model(name: str, work: Path, stages=STAGES) -> dict:
+def bench_model(name: str, work: Path, stages=STAGES, reuse: bool = False) -> dict:
+    """`stages` of one model, on a fresh run, or (`reuse`) on the cached run's finished earlier stages:
+    then only `stages` and the ones after them are removed and redone (e.g. bcos alone, not Mixtral's
+    25 minutes of calibrate, klt-svd and vq)."""
     from tiny_models import write_text
 
     model = build_checkpoint(name, work / name / "model")
@@ -97,8 +102,12 @@ def bench_model(name: str, work: Path, stages=STAGES) -> dict:
     if not text.exists():
         write_text(text, n_sentences=4000, seed=5)
     run = work / name / "run"
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
+    if reuse:
+        for stage in STAGES[min(STAGES.index(s) for s in stages):]:
+            shutil.rmtree(run / stage, ignore_errors=True)
+    else:
+        shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True, exist_ok=True)
     rows = {}
     for stage in stages:
         print(f"  {name}: kbvq {stage}", flush=True)
@@ -136,6 +145,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-scale")
     parser.add_argument("--fresh", action="store_true", help="rebuild the cached checkpoints too")
     parser.add_argument("--stages", default=",".join(STAGES), help="the first stages only, e.g. calibrate")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the cached run's stages before --stages (e.g. --stages bcos --reuse)")
     args = parser.parse_args()
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in PAPER_MODELS]
@@ -152,7 +163,7 @@ def main() -> None:
     started = time.perf_counter()
     results = []
     for name in names:
-        results.append(bench_model(name, args.work, [s for s in STAGES if s in args.stages.split(",")]))
+        results.append(bench_model(name, args.work, [s for s in STAGES if s in args.stages.split(",")], args.reuse))
         print_result(results[-1])
         (args.work / "results.json").write_text(json.dumps(results, indent=1))  # what is done so far
     print(f"\nbench-scale: {len(names)} model(s) in {time.perf_counter() - started:.0f} s")

@@ -15,25 +15,39 @@ from kbvq_cli.errors import KbvqError
 
 @dataclass(frozen=True)
 class InputMoments:
-    """Mean [ic] and (population) covariance [ic, ic] of an input, float64, over `count` tokens."""
+    """Mean [ic] (float64) and (population) covariance [ic, ic] of an input over `count` tokens. The
+    covariance is float64, or float32 where `input_moments` was asked for it (closed-form BCOS on float32
+    weights, whose one product is float32 anyway)."""
 
     mean: torch.Tensor
     covariance: torch.Tensor
     count: int
 
 
-def input_moments(sum_x: torch.Tensor, sum_xxT: torch.Tensor, count: int | torch.Tensor) -> InputMoments:
+ROWS = 1024  # covariance rows computed per step: a few float64 [ROWS, ic] blocks (117 MB at Mixtral's 14336)
+
+
+def input_moments(sum_x: torch.Tensor, sum_xxT: torch.Tensor, count: int | torch.Tensor,
+                  dtype: torch.dtype = torch.float64) -> InputMoments:
     """Mean and covariance from running sums: `sum_x [ic]`, `sum_xxT [ic, ic]`, `count` tokens.
 
-    Population covariance `sum_xxT / n - mu mu^T` (divisor n, as calibrate's sums imply); the choice of
-    divisor cancels in `sigma(y)/sigma(yh)`. Zero tokens give zero moments (the expert is starved).
+    Population covariance `(sum_xxT + sum_xxT^T) / 2n - mu mu^T` (divisor n, as calibrate's sums imply);
+    the choice of divisor cancels in `sigma(y)/sigma(yh)`. Zero tokens give zero moments (the expert is
+    starved). Computed in float64 a block of rows at a time and stored in `dtype`: every entry is the
+    same elementwise float64 expression as over the whole matrix, so a float32 covariance is bit-identical
+    to the float64 one cast, and the only `ic x ic` tensor made is the result (a Mixtral down input's
+    float64 temporaries were five of them, 8 GB).
     """
     n = int(count)
     if n < 0:
         raise KbvqError(f"token count must be >= 0 (got {n})")
     mean = sum_x.double() / max(n, 1)
-    second = sum_xxT.double() / max(n, 1)
-    covariance = (second + second.T) / 2 - torch.outer(mean, mean)
+    covariance = torch.empty(sum_xxT.shape, dtype=dtype, device=sum_xxT.device)
+    for start in range(0, sum_xxT.shape[0], ROWS):
+        stop = min(start + ROWS, sum_xxT.shape[0])
+        rows = sum_xxT[start:stop].double() / max(n, 1)
+        columns = sum_xxT[:, start:stop].T.double() / max(n, 1)  # rows start:stop of the transpose
+        covariance[start:stop] = (rows + columns) / 2 - torch.outer(mean[start:stop], mean)
     return InputMoments(mean, covariance, n)
 
 

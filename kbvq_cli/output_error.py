@@ -39,20 +39,37 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, second_mom
     return relative_output_errors(weight, [approx], second_moment)[0]
 
 
-def quadratic_trace(x: torch.Tensor, second_moment32: torch.Tensor, panels: int = 8) -> torch.Tensor:
+def trace_weights(second_moment32: torch.Tensor, panels: int = 8) -> list[torch.Tensor]:
+    """What `quadratic_trace` multiplies its panels with: per panel `J`, `C[J, J:]` float32 with the part
+    right of the diagonal block doubled (it stands for the block below the diagonal too, by symmetry).
+    Made once per `C` for all the traces under it; doubling is exact, so `panel * (2 C)` is `(2 panel) * C`
+    bit for bit."""
+    dim = second_moment32.shape[0]
+    tile = max(1, -(-dim // panels))
+    weights = []
+    for start in range(0, dim, tile):
+        stop = min(start + tile, dim)
+        weight = second_moment32[start:stop, start:].clone()
+        weight[:, stop - start:] *= 2
+        weights.append(weight)
+    return weights
+
+
+def quadratic_trace(x: torch.Tensor, second_moment32: torch.Tensor, panels: int = 8,
+                    weights: list[torch.Tensor] | None = None) -> torch.Tensor:
     """`Tr(X C X^T) = <X^T X, C>` (float64 scalar) of `X [oc, ic]` float32 under a symmetric float32
     `C [ic, ic]`, from the upper block triangle of `X^T X` only: `panels` row blocks `X_J^T X[:, J:]`,
     the part right of each diagonal block counted twice. Float32 products (each entry a sum over oc),
     summed in float64: 56% of `X @ C`'s multiply-adds at 8 panels, and each panel's elementwise work
-    is against `C`'s own slice (`ic^2 / 2` entries in all, not `oc x ic` per panel)."""
+    is against `C`'s own slice (`ic^2 / 2` entries in all, not `oc x ic` per panel). `weights`:
+    `trace_weights(C, panels)`, when several traces share `C`."""
     dim = x.shape[1]
     tile = max(1, -(-dim // panels))
+    weights = trace_weights(second_moment32, panels) if weights is None else weights
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for start in range(0, dim, tile):
-        stop = min(start + tile, dim)
-        panel = x[:, start:stop].T @ x[:, start:]  # rows start:stop of X^T X, from its diagonal on
-        panel[:, stop - start:] *= 2  # the block below the diagonal, by symmetry
-        total += panel.mul_(second_moment32[start:stop, start:]).sum(dtype=torch.float64)
+    for start, weight in zip(range(0, dim, tile), weights):
+        panel = x[:, start:start + weight.shape[0]].T @ x[:, start:]  # rows J of X^T X, from the diagonal on
+        total += panel.mul_(weight).sum(dtype=torch.float64)
     return total
 
 
@@ -72,8 +89,9 @@ def vq_output_errors(residual: torch.Tensor, approx: torch.Tensor,
     """
     c32 = second_moment.float()
     r32 = residual.float()
-    residual_energy = quadratic_trace(r32, c32)
-    error_energy = quadratic_trace(r32 - approx.float(), c32)
+    weights = trace_weights(c32)  # once for both traces
+    residual_energy = quadratic_trace(r32, c32, weights=weights)
+    error_energy = quadratic_trace(r32 - approx.float(), c32, weights=weights)
     energy = residual_energy
     if share_factors is not None:
         left, right = (factor.double() for factor in share_factors)

@@ -83,6 +83,28 @@ def test_cluster_sums_equal_a_float64_reference():
     assert torch.equal(counts, torch.bincount(indices, minlength=300))
 
 
+@pytest.mark.parametrize("dim", [2, 3, 4])
+def test_the_compiled_cluster_sums_are_the_bincounts_bit_for_bit(dim):
+    """The compiled one-pass centroid sums (the CPU default where the kernels build) add each cluster's
+    points in the order and precision of the per-coordinate weighted bincounts: equal bit for bit, so
+    codebooks do not depend on whether a compiler is there. Cluster 7 empty."""
+    from kbvq_cli.kernels import cpu_backend
+    from stages.vq.core import bincount_cluster_sums, compiled_sums
+
+    if not cpu_backend.available():
+        pytest.skip(cpu_backend.unavailable_reason())
+    generator = torch.Generator().manual_seed(6)
+    points = torch.randn(20000, dim, generator=generator) * torch.rand(20000, 1, generator=generator) * 1e3
+    indices = torch.randint(0, 60, (20000,), generator=generator)
+    indices[indices == 7] = 8
+    assert compiled_sums(points, indices)
+    sums, counts = cluster_sums(points, indices, 64)
+    expected_sums, expected_counts = bincount_cluster_sums(points, indices, 64)
+    assert torch.equal(sums, expected_sums) and torch.equal(counts, expected_counts)
+    with pytest.raises(ValueError, match="outside"):
+        cpu_backend.cluster_sums(points, indices, 8)
+
+
 def test_kmeans_pp_is_seeded_and_picks_data_points():
     points = to_subvectors(expert_weight(5), 4)
     first = kmeans_pp(points, 64, torch.Generator().manual_seed(1))

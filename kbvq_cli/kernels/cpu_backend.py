@@ -53,6 +53,7 @@ _SIGNATURES = {
     "kbvq_decode": [_PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR],
     "kbvq_dequantize": [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR],
     "kbvq_project": [ctypes.POINTER(Job), _I64, _I64],
+    "kbvq_cluster_sums": [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR],
 }
 
 
@@ -203,3 +204,20 @@ def experts_forward(x: torch.Tensor, segments: list[Segment], indices: torch.Ten
             out[start:end] = torch_backend.tiled_matmul(x[start:end], indices[expert], codebook[expert].float(),
                                                         dequantize_tile)
     return out
+
+
+def cluster_sums(points: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums (float64 [k, d]) and counts (int64 [k]) of `points [N, d]` float32 by `indices [N]`
+    int64 in [0, k), both contiguous CPU tensors: bit-identical to one weighted `torch.bincount` per
+    coordinate (the vq stage's centroid update, `stages.vq.core.cluster_sums`), in one pass."""
+    if not (points.dtype == torch.float32 and indices.dtype == torch.int64 and points.is_contiguous()
+            and indices.is_contiguous() and points.device.type == indices.device.type == "cpu"
+            and points.dim() == 2 and indices.shape == points.shape[:1]):
+        raise ValueError("cluster_sums takes contiguous CPU float32 points [N, d] and int64 indices [N]")
+    sums = torch.empty(k, points.shape[1], dtype=torch.float64)
+    counts = torch.empty(k, dtype=torch.int64)
+    status = library().kbvq_cluster_sums(points.data_ptr(), indices.data_ptr(), points.shape[0], points.shape[1], k,
+                                         sums.data_ptr(), counts.data_ptr())
+    if status != 0:
+        raise ValueError(f"cluster_sums: an index lies outside [0, {k})")
+    return sums, counts

@@ -541,6 +541,20 @@ void project(const Job* jobs, int64_t count, int64_t threads) {
   }
 }
 
+// kbvq_cluster_sums' pass, the vector length a compile-time constant where `with_d` makes it one.
+template <int64_t D>
+void cluster_sums(const float* __restrict points, const int64_t* __restrict indices, int64_t n, int64_t d_run,
+                  double* __restrict sums, int64_t* __restrict counts) {
+  const int64_t d = D ? D : d_run;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = indices[i];
+    counts[c] += 1;
+    double* sum = sums + c * d;
+    const float* point = points + i * d;
+    for (int64_t j = 0; j < d; ++j) sum[j] += static_cast<double>(point[j]);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -578,6 +592,21 @@ int kbvq_project(const Job* jobs, int64_t count, int64_t threads) {
       return 1;
   }
   project(jobs, count, threads);
+  return 0;
+}
+
+// The centroid sums of vq's k-means (stages/vq/core.py `cluster_sums`): sums [k, d] float64 and counts [k]
+// of points [n, d] float32 by their cluster indices [n]. One sequential pass, each (cluster, coordinate)
+// sum adding its points in index order in double: the order and precision of
+// `torch.bincount(indices, weights=column)`, so the sums are bit-identical to it, in one pass over the
+// points instead of d + 1. Returns 0, or 1 for an index outside [0, k) (sums and counts then unusable).
+int kbvq_cluster_sums(const float* points, const int64_t* indices, int64_t n, int64_t d, int64_t k,
+                      double* sums, int64_t* counts) {
+  for (int64_t i = 0; i < n; ++i)
+    if (indices[i] < 0 || indices[i] >= k) return 1;
+  memset(sums, 0, sizeof(double) * k * d);
+  memset(counts, 0, sizeof(int64_t) * k);
+  with_d(d, [&](auto dim) { cluster_sums<decltype(dim)::value>(points, indices, n, d, sums, counts); });
   return 0;
 }
 

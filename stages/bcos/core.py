@@ -93,6 +93,12 @@ class _JointMoments:
     cov: torch.Tensor  # Cov(y_j, yh_j)
 
 
+def product_dtype(weight: torch.Tensor, quantized_weight: torch.Tensor) -> torch.dtype:
+    """The precision of the closed form's one product (`_joint_moments`): float64 if either weight is,
+    else float32. A covariance given in it is used as is; one in float64 is cast to it."""
+    return torch.float64 if torch.float64 in (weight.dtype, quantized_weight.dtype) else torch.float32
+
+
 def _joint_moments(weight: torch.Tensor, quantized_weight: torch.Tensor, moments: InputMoments) -> _JointMoments:
     """All of `_JointMoments` from one product `[W; What] @ S_x` ([2 oc, ic]).
 
@@ -102,7 +108,7 @@ def _joint_moments(weight: torch.Tensor, quantized_weight: torch.Tensor, moments
     of float64 (tests/test_bcos_core.py holds scale and shift to 1e-5), at 2x the speed on a CPU and up
     to 64x on a consumer GPU, where float64 would make BCOS hours of a Mixtral run.
     """
-    dtype = torch.float64 if torch.float64 in (weight.dtype, quantized_weight.dtype) else torch.float32
+    dtype = product_dtype(weight, quantized_weight)
     full, quantized = weight.to(dtype), quantized_weight.to(dtype)
     oc = full.shape[0]
     product = torch.cat([full, quantized]) @ moments.covariance.to(dtype)

@@ -12,6 +12,8 @@ pass through the already-quantized earlier layers instead (see `stages.bcos.prop
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from kbvq_cli.console import progress_bar, warn
@@ -22,7 +24,7 @@ from kbvq_cli.stage_run import StageRun, require_model
 from kbvq_cli.streaming import pick_device
 from kbvq_cli.units import layer_unit
 from stages.bcos.config import BcosSettings
-from stages.bcos.core import bcos_correction
+from stages.bcos.core import BcosCorrection, bcos_correction, product_dtype
 from stages.bcos.parallel import propagation_blocks
 from stages.bcos.propagate import run_propagated
 from stages.bcos.reader import STAGE, BcosLayerMeta, BcosLayerUnit, Correction
@@ -51,24 +53,46 @@ def run(resolved: ResolvedStage, restart: bool = False) -> dict:
             name = layer_unit(index)
             if not stage.dir.has_unit(name):
                 experts = layer_experts(source, index, torch.float32, device)
-                quantized = codes.quantized_layer(experts, klt, index, device)
+                quantized = codes.quantized_matrices(experts, klt, index, device)
                 unit, meta = correct_layer(experts, quantized, calibration.layer(index, device), index, settings)
                 stage.dir.write_unit(name, unit.to_tensors(), meta.to_json())
             progress.advance(task)
     return _finish(stage, layers)
 
 
-def correct_layer(experts: LayerExperts, quantized: dict, stats: CalibrationLayer, index: int,
-                  settings: BcosSettings) -> tuple[BcosLayerUnit, BcosLayerMeta]:
-    """Closed-form corrections of every expert projection of one MoE layer."""
+def correct_layer(experts: LayerExperts, quantized: Callable[[str, object], torch.Tensor], stats: CalibrationLayer,
+                  index: int, settings: BcosSettings) -> tuple[BcosLayerUnit, BcosLayerMeta]:
+    """Closed-form corrections of every expert projection of one MoE layer.
+
+    `quantized(projection, expert)` -> What [oc, ic] (`stages.vq.reader.QuantizedMatrices`). Expert by
+    expert, each What and input covariance dropped once used: at most one of each is alive, and the
+    expert's gate and up share one decoded second moment. The covariance is built in the precision of
+    the product it feeds (`product_dtype`: float32 for the stage's float32 weights), the values the
+    float64 one was cast to (`kbvq_cli.moments.input_moments`). A Mixtral layer's What of every expert
+    at once and its float64 moments peaked at 24 GB.
+    """
+    corrections = {(projection, expert): _correct(experts, quantized, stats, projection, expert, settings)
+                   for expert in experts.expert_ids() for projection in PROJECTIONS}
+    return _layer_unit(experts, corrections, index)
+
+
+def _correct(experts: LayerExperts, quantized, stats: CalibrationLayer, projection: str, expert,
+             settings: BcosSettings) -> BcosCorrection:
+    """One projection's correction; its What and moments are freed on return, before the next is built."""
+    weight, approx = experts.matrix(projection, expert), quantized(projection, expert)
+    moments = stats.expert_input_moments(expert, projection, experts.shared_path, product_dtype(weight, approx))
+    return bcos_correction(weight, approx, moments, mode=settings.mode, min_tokens=settings.min_tokens,
+                           min_std_ratio=settings.min_std_ratio)
+
+
+def _layer_unit(experts: LayerExperts, corrections: dict, index: int) -> tuple[BcosLayerUnit, BcosLayerMeta]:
+    """The shard and metadata of one layer's `(projection, expert) -> BcosCorrection`, the mean errors
+    summed projection by projection (the order the metadata has always been summed in)."""
     routed, shared, starved, before, after, flat = {}, {}, set(), [], [], 0
     for projection in PROJECTIONS:
         scales, shifts = [], []
         for expert in experts.expert_ids():
-            full_moments = stats.expert_input_moments(expert, projection, experts.shared_path)
-            correction = bcos_correction(experts.matrix(projection, expert), quantized[(projection, expert)],
-                                         full_moments, mode=settings.mode,
-                                         min_tokens=settings.min_tokens, min_std_ratio=settings.min_std_ratio)
+            correction = corrections[(projection, expert)]
             if correction.starved:
                 starved.add(str(expert))
             if correction.error_before is not None:

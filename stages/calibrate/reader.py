@@ -202,13 +202,15 @@ class CalibrationLayer:
         return Moments(self.tensors[f"{prefix}.sum_x"][expert], self._expert_sum_xxT(prefix, expert),
                        self.tensors[f"{prefix}.count"][expert])
 
-    def expert_input_moments(self, expert, projection: str, shared_path: str | None) -> InputMoments:
-        """Mean and covariance of one expert's `projection` input over its routed tokens (closed-form BCOS)."""
+    def expert_input_moments(self, expert, projection: str, shared_path: str | None,
+                             dtype: torch.dtype = torch.float64) -> InputMoments:
+        """Mean and covariance of one expert's `projection` input over its routed tokens (closed-form BCOS),
+        the covariance in `dtype` (`kbvq_cli.moments.input_moments`)."""
         moments = self.expert_input(projection, expert, shared_path)
         if moments.sum_xxT is None:
             raise KbvqError("closed-form BCOS needs per-expert second moments; rerun `kbvq calibrate --restart` "
                             "with expert_second_moments: true in the recipe")
-        return input_moments(moments.sum_x, moments.sum_xxT, moments.count.sum())
+        return input_moments(moments.sum_x, moments.sum_xxT, moments.count.sum(), dtype)
 
     @property
     def router_load(self) -> torch.Tensor:

@@ -100,12 +100,31 @@ class VqCodes:
     def meta(self, layer: int, expert) -> VqExpertMeta:
         return VqExpertMeta.from_json(self.stage_dir.read_metadata(expert_unit(layer, expert)))
 
+    def quantized_matrices(self, experts: LayerExperts, klt: KltSvd, index: int, device) -> "QuantizedMatrices":
+        """`What` of layer `index`'s experts, built one matrix at a time when asked for."""
+        return QuantizedMatrices(self, klt.layer(index, device), experts, index, device)
+
     def quantized_layer(self, experts: LayerExperts, klt: KltSvd, index: int, device) -> dict:
-        """(projection, expert) -> What [oc, ic] float32 for every expert of the layer."""
-        parts, out = klt.layer(index, device), {}
-        for expert in experts.expert_ids():
-            unit = self.expert(index, expert, device)
-            for projection in PROJECTIONS:
-                shape = tuple(experts.matrix(projection, expert).shape)
-                out[(projection, expert)] = unit.matrix(projection, parts, expert, shape)
-        return out
+        """(projection, expert) -> What [oc, ic] float32 for every expert of the layer, all at once: for a
+        caller that installs the whole layer (`bcos --propagate`); one matrix at a time is `quantized_matrices`."""
+        quantized = self.quantized_matrices(experts, klt, index, device)
+        return {(projection, expert): quantized(projection, expert)
+                for expert in experts.expert_ids() for projection in PROJECTIONS}
+
+
+class QuantizedMatrices:
+    """`quantized(projection, expert)` -> What [oc, ic] float32 of one expert's projection, built on each
+    call and kept by nobody here: only the last expert's codes are held (its unit is read once for its
+    three projections), so a caller that goes expert by expert holds one expert's What at a time (a
+    Mixtral layer's are 5.6 GB together)."""
+
+    def __init__(self, codes: VqCodes, parts: SharedParts, experts: LayerExperts, index: int, device):
+        self.codes, self.parts, self.experts, self.index, self.device = codes, parts, experts, index, device
+        self._unit: tuple[object, VqExpertUnit] | None = None
+
+    def __call__(self, projection: str, expert) -> torch.Tensor:
+        if self._unit is None or self._unit[0] != expert:
+            self._unit = None  # free the previous expert's codes before reading the next
+            self._unit = (expert, self.codes.expert(self.index, expert, self.device))
+        shape = tuple(self.experts.matrix(projection, expert).shape)
+        return self._unit[1].matrix(projection, self.parts, expert, shape)
