@@ -187,3 +187,11 @@ def test_the_gpu_cluster_sums_equal_the_cpu_ones():
     assert torch.allclose(gpu_path, reference, rtol=1e-12, atol=1e-12)
     assert torch.allclose(sums, reference, rtol=1e-12, atol=1e-12)
     assert int(counts[7]) == 0 and torch.equal(gpu_path[7], torch.zeros(4, dtype=torch.float64))
+
+
+def test_kmeans_pp_with_fewer_points_than_codewords_takes_every_point_then_repeats_them_in_order():
+    points = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    centres = kmeans_pp(points, 12, torch.Generator().manual_seed(1))
+    first = {tuple(row.tolist()) for row in centres[:5]}
+    assert first == {tuple(row.tolist()) for row in points}  # D(x)^2 never draws a point twice while one is left
+    assert torch.equal(centres[5:], points[torch.arange(5, 12) % 5])

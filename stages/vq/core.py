@@ -76,8 +76,13 @@ def kmeans_pp(points: torch.Tensor, k: int, generator: torch.Generator) -> torch
         if i:
             cumulative = nearest.cumsum(0)
             total = cumulative[-1]
-            # fewer distinct points than codewords: repeat points, deterministically
-            choice = i % n if total <= 0 else min(int(torch.searchsorted(cumulative, uniforms[i] * total, right=True)), n - 1)
+            if total <= 0:
+                # every point is a centre already (fewer distinct points than codewords): the rest repeat
+                # the points in order, deterministically, with no distance left to update (a 12-bit
+                # codebook on a small matrix spent most of its seeding here)
+                centres[i:] = points[torch.arange(i, k, device=points.device) % n]
+                break
+            choice = min(int(torch.searchsorted(cumulative, uniforms[i] * total, right=True)), n - 1)
         centres[i] = points[choice]
         centre = exact[choice]
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product per centre, in float64
