@@ -14,8 +14,7 @@ from kbvq_cli.model_files import ModelSource
 from kbvq_cli.stage_dir import StageDir
 from stages.bcos.config import BcosSettings
 from stages.bcos.core import bcos_correction
-from stages.bcos.reader import BcosLayerMeta, BcosLayerUnit, Correction
-from stages.bcos.stage import correct_layer
+from stages.bcos.stage import _layer_unit, correct_layer
 from stages.calibrate.reader import Calibration
 from stages.klt_svd.reader import KltSvd
 from stages.vq.reader import VqCodes
@@ -40,27 +39,13 @@ def whole_layer_shard(run, source, index: int) -> bytes:
     experts = layer_experts(source, index, torch.float32, "cpu")
     quantized = VqCodes(run).quantized_layer(experts, KltSvd(run), index, "cpu")
     stats, settings = Calibration(run).layer(index), BcosSettings()
-    routed, shared, starved, before, after, flat = {}, {}, set(), [], [], 0
-    for projection in PROJECTIONS:
-        scales, shifts = [], []
-        for expert in experts.expert_ids():
-            c = bcos_correction(experts.matrix(projection, expert), quantized[(projection, expert)],
-                                stats.expert_input_moments(expert, projection, experts.shared_path),
-                                mode=settings.mode, min_tokens=settings.min_tokens, min_std_ratio=settings.min_std_ratio)
-            if c.starved:
-                starved.add(str(expert))
-            if c.error_before is not None:
-                before.append(c.error_before)
-                after.append(c.error_after)
-            flat += c.flat_channels
-            if expert == "shared":
-                shared[projection] = Correction(c.scale, c.shift)
-            else:
-                scales.append(c.scale)
-                shifts.append(c.shift)
-        routed[projection] = Correction(torch.stack(scales), torch.stack(shifts))
-    meta = BcosLayerMeta(index, sorted(starved), flat, sum(before) / len(before), sum(after) / len(after))
-    tensors = {k: v.contiguous() for k, v in BcosLayerUnit(routed, shared).to_tensors().items()}
+    corrections = {(projection, expert): bcos_correction(
+        experts.matrix(projection, expert), quantized[(projection, expert)],
+        stats.expert_input_moments(expert, projection, experts.shared_path),
+        mode=settings.mode, min_tokens=settings.min_tokens, min_std_ratio=settings.min_std_ratio)
+        for projection in PROJECTIONS for expert in experts.expert_ids()}
+    unit, meta = _layer_unit(experts, corrections, index)  # the shard's assembly is not what changed
+    tensors = {k: v.contiguous() for k, v in unit.to_tensors().items()}
     return save(tensors, metadata={"kbvq": canonical_json(meta.to_json())})
 
 
