@@ -384,3 +384,7 @@ def main() -> None:
         typer.echo("Aborted!", err=True)
         sys.exit(1)
     sys.exit(status if isinstance(status, int) else 0)  # typer.Exit(n) comes back as n
+
+
+if __name__ == "__main__":
+    main()

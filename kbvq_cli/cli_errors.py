@@ -54,7 +54,3 @@ def usage_message(error) -> str:
     message = message[:1].lower() + message[1:]
     command = error.ctx.command_path if error.ctx is not None else "kbvq"
     return f"{message}; see `{command} --help`"
-
-
-if __name__ == "__main__":
-    main()
