@@ -344,7 +344,7 @@ def table(
 @app.command()
 def testbed(
     out: Annotated[str, typer.Option("--out", help="Output directory.")] = "testbed",
-    variant: Annotated[str, typer.Option("--variant", help="full (about 15 min on 2 cores), mini, upcycled (a dense "
+    variant: Annotated[str, typer.Option("--variant", help="full (about half an hour on 2 cores), mini, upcycled (a dense "
                        "model's MLP copied into every expert, then trained as an MoE) or upcycled-mini.")] = "full",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     compare: Annotated[Optional[str], typer.Option(

@@ -45,7 +45,7 @@ def calib_text(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def testbed_mini() -> Path:
-    """The repository's built mini test-bed. Building it takes about a minute (`make testbed-mini`), so
+    """The repository's built mini test-bed. Building it takes about two minutes (`make testbed-mini`), so
     outside CI a test that needs it is skipped when it is absent; CI builds it first and fails without it."""
     directory = REPO / "testbed-mini"
     if not (directory / "testbed.json").exists() and os.environ.get("CI") != "true":

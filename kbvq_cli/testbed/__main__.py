@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kbvq_cli.testbed", description=__doc__)
     parser.add_argument("--out", default="testbed", help="output directory (default: testbed)")
     parser.add_argument("--variant", default="full", choices=("full", "mini", "upcycled", "upcycled-mini"),
-                        help="full: about 15 minutes on 2 cores; mini: about a minute, for CI; upcycled(-mini): "
+                        help="full: about half an hour on 2 cores; mini: about two minutes, for CI; upcycled(-mini): "
                              "a dense model's MLP copied into every expert, then trained as an MoE")
     parser.add_argument("--compare", help="a built test-bed to record beside this one")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
