@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from kbvq_cli.output_error import output_error
+
 ITERS = 10
 SAMPLE_PER_CODEWORD = 16
 SEED = 0
@@ -58,6 +60,5 @@ def vq_error_factor(weight: torch.Tensor, second_moment: torch.Tensor | None, bi
     error = (points - codebook[_nearest(points, codebook)]).reshape(oc, ic).double()
     if second_moment is None:
         return float(error.pow(2).sum() / weight.double().pow(2).sum().clamp_min(1e-300))
-    moment = second_moment.double().cpu()
-    output = lambda m: float(((m @ moment) * m).sum())  # noqa: E731  Tr(M C M^T)
-    return output(error) / max(output(weight.double()), 1e-300)
+    moment = second_moment.cpu()
+    return float(output_error(error, moment)) / max(float(output_error(weight, moment)), 1e-300)
