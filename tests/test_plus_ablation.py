@@ -8,6 +8,7 @@ import yaml
 from cli_util import run_cli
 from kbvq_cli.errors import KbvqError
 from kbvq_cli.package_data import recipes_dir
+from kbvq_cli import plus_ablation
 from kbvq_cli.plus_ablation import arm_recipe, parse_arms, table_lines
 
 
@@ -36,6 +37,8 @@ def test_arms_lay_their_settings_over_the_family_recipe(fake_testbed):
     assert routing["vq"]["refine_iters"] == 4 and routing["vq"]["seed"] == 2
     gptq = yaml.safe_load(arm_recipe(recipes_dir(), fake_testbed, "gptq-w2g128", 2).read_text())
     assert gptq["run"] == "runs/tb/plus/gptq-w2g128-s0" and "vq" not in gptq  # no seed: one run for all
+    small_groups = yaml.safe_load(arm_recipe(recipes_dir(), fake_testbed, "gptq-w2g32", 1).read_text())
+    assert small_groups["gptq"] == {**gptq["gptq"], "group_size": 32} and small_groups["run"].endswith("g32-s0")
 
 
 def test_unknown_arms_and_bad_seeds_are_one_line(fake_testbed):
@@ -50,4 +53,16 @@ def test_unknown_arms_and_bad_seeds_are_one_line(fake_testbed):
 def test_the_table_shows_arms_not_run_yet(fake_testbed):
     lines = table_lines(fake_testbed, parse_arms(None), [0, 1, 2])
     assert "FP perplexity not measured yet" in lines[0]
-    assert len([line for line in lines if line.endswith("| not run |")]) == len(parse_arms(None))
+    assert len([line for line in lines if line.endswith("| not run | |")]) == len(parse_arms(None))
+
+
+def test_the_table_gives_each_arms_loss_as_a_multiple_of_the_paper_recipes(fake_testbed, monkeypatch):
+    ppl = {"kbvq-w2-s0": 101.0, "kbvq-w2-s1": 103.0, "kbvq-w2-plus-s0": 100.5, "kbvq-w2-plus-s1": 100.7}
+    monkeypatch.setattr(plus_ablation, "fp_ppl", lambda testbed: 100.0)
+    monkeypatch.setattr(plus_ablation, "measured", lambda run: {"bits": 2.7, "ppl": ppl[run.name], "vq_error": 0.02,
+                                                               "bcos_error": None} if run.name in ppl else None)
+    lines = table_lines(fake_testbed, ["kbvq-w2", "kbvq-w2-plus", "ef"], [0, 1])
+    paper, plus, ef = lines[4:7]
+    assert paper.endswith("| +2.000 ± 1.414 | 1.00x |") and "| 2.700 | 0.0200 | - | 102.00 |" in paper
+    assert plus.endswith("| +0.600 ± 0.141 | 0.30x |")  # (0.5 + 0.7) / 2 against (1 + 3) / 2
+    assert ef == "| ef | 0 | | | | | not run | |"
