@@ -70,6 +70,8 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("codebits", "kbvq-w2", budget=True, budget_settings=CODE_SIZES),
     Arm("bcos-only-eqbits", "kbvq-w2", budget=True, budget_settings={"rank": 0, **CODE_SIZES}),
     Arm("plus+codebits", "kbvq-w2-plus", budget=True, budget_settings=CODE_SIZES),
+    # the same question with plus's vq options on both sides: kbvq-w2-plus against this
+    Arm("plus+bcos-only-eqbits", "kbvq-w2-plus", budget=True, budget_settings={"rank": 0, **CODE_SIZES}),
 )}
 DEFAULT_ARMS = ("kbvq-w2", "bcos-only", "gptq-w2g128", "kbvq-w2-plus", "routing-all", "output", "refine", "ef",
                 "budget")
