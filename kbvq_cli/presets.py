@@ -12,10 +12,13 @@ file may also say `preset: NAME` and override any stage setting on top of it.
 - `kbvq-w2-plus`, `kbvq-w3-plus`: kbvq's own best: KBVQ with GPTQ-style error-feedback assignment and
   the output-aware VQ of docs/method.md §3 (k-means weighted by the input moments, and at 2 bits 4 rounds
   of least-squares codebook refinement under C; refinement is limited to K d <= 4096, so the 3-bit one
-  goes without). The 2-bit one had the least output error and perplexity loss of the arms measured on
-  the mini and upcycled-mini test-beds (README, `kbvq table plus`); the 3-bit one is not measured yet.
-  What they leave out, measured (README): `calibrate: {routing: all}` and a bit budget at the paper
-  recipe's bits (`klt-svd: {target_bits: B}`) each raised the perplexity loss on the mini test-bed. The
+  goes without). The 2-bit one loses 0.52x and 0.36x of the paper recipe's perplexity loss on the full
+  and upcycled test-beds, 3 seeds (README, `kbvq table plus`); the 3-bit one is not measured yet. The same
+  vq options over BCOS-only with a code-size budget at the same bits measured better still (0.31x on the
+  full test-bed); that needs a target in bits, so it is not a preset yet.
+  What they leave out, measured (README): `calibrate: {routing: all}` raised the perplexity loss on every
+  test-bed measured, and a rank-only bit budget at the paper recipe's bits (`klt-svd: {target_bits: B}`)
+  did not lower it beyond the seeds' spread. The
   starved experts' fallback is calibrate's default in every preset (a calibration is shared by all the
   recipes of a model), and changes nothing where no expert starves.
 
