@@ -43,6 +43,7 @@ PLUS = {"vq": {**PLUS_VQ, "refine_iters": PLUS_REFINE_ITERS}}
 # The code sizes a budget may choose besides vq's 2x4 (stages/klt_svd/budget.py weighs their codebooks);
 # not 3x4: plus's codebook refinement does not take 4096-entry codebooks.
 CODE_SIZES = {"code_sizes": ["2x2", "3x2", "4x2"]}
+BCOS_ONLY_CODE_SIZES = {"rank": 0, **CODE_SIZES}  # every bit of the budget spent on code sizes, none on IDRE
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("kbvq-w2", "kbvq-w2"),
@@ -68,10 +69,10 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("bcos-only+plus", "kbvq-w2", {"klt-svd": {"rank": 0}, **PLUS}),
     # a budget that chooses code sizes too, and BCOS-only at the paper recipe's bits (IDRE against no IDRE)
     Arm("codebits", "kbvq-w2", budget=True, budget_settings=CODE_SIZES),
-    Arm("bcos-only-eqbits", "kbvq-w2", budget=True, budget_settings={"rank": 0, **CODE_SIZES}),
+    Arm("bcos-only-eqbits", "kbvq-w2", budget=True, budget_settings=BCOS_ONLY_CODE_SIZES),
     Arm("plus+codebits", "kbvq-w2-plus", budget=True, budget_settings=CODE_SIZES),
     # the same question with plus's vq options on both sides: kbvq-w2-plus against this
-    Arm("plus+bcos-only-eqbits", "kbvq-w2-plus", budget=True, budget_settings={"rank": 0, **CODE_SIZES}),
+    Arm("plus+bcos-only-eqbits", "kbvq-w2-plus", budget=True, budget_settings=BCOS_ONLY_CODE_SIZES),
 )}
 DEFAULT_ARMS = ("kbvq-w2", "bcos-only", "gptq-w2g128", "kbvq-w2-plus", "routing-all", "output", "refine", "ef",
                 "budget")
@@ -177,10 +178,11 @@ def table_lines(testbed: str, arms: list[str], seeds: list[int]) -> list[str]:
         runs = sorted({run_name(arm, seed) for seed in seeds})
         return [m for m in (measured(Path(f"runs/{testbed}/plus/{name}")) for name in runs) if m]
 
-    paper = finished("kbvq-w2") if fp is not None else []
+    found_by_arm = {arm: finished(arm) for arm in dict.fromkeys([*arms, "kbvq-w2"])}  # each run read once
+    paper = found_by_arm["kbvq-w2"] if fp is not None else []
     paper_loss = statistics.fmean([m["ppl"] - fp for m in paper]) if paper else None
     for arm in arms:
-        found = finished(arm)
+        found = found_by_arm[arm]
         if not found or fp is None:
             lines.append(f"| {arm} | 0 | | | | | not run | |")
             continue
